@@ -1,0 +1,24 @@
+# The two commands of the README: `make test` and `make demo`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test demo install clean
+
+install: $(VENV)/.installed
+
+# Reinstalls when setup.py changes; the stamp keeps a warm checkout from paying ~3 min again.
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) *.egg-info demo_runs

@@ -1,0 +1,67 @@
+"""What every llmhift causal LM shares: next-token targets, the loss, eval metrics and the FLOP count."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from torchmetrics import Metric
+
+__all__ = [
+    "IGNORE_INDEX",
+    "next_token_targets",
+    "causal_lm_loss",
+    "eval_metrics",
+    "transformer_flops_per_batch",
+]
+
+IGNORE_INDEX = -100
+
+
+def next_token_targets(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Targets aligned with the logits: position t predicts token t+1.
+
+    Batches follow the Hugging Face convention (``labels`` aligned with ``input_ids``, -100 where no
+    loss is wanted); without ``labels`` every next token counts. The last position has nothing to
+    predict, so it is ignored.
+    """
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"]
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets  # (B, T)
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the tokens that are not ignored (fp32 softmax whatever the logits' dtype)."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),  # (B*T, V)
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def eval_metrics() -> dict[str, Metric]:
+    """Token cross-entropy and perplexity, named as Composer logs them."""
+    return {
+        "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+        "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
+    }
+
+
+def transformer_flops_per_batch(
+    matmul_params: int, n_layers: int, d_model: int, input_ids: torch.Tensor
+) -> int:
+    """Training FLOPs of one batch, the count SpeedMonitor turns into MFU.
+
+    6 FLOPs per matmul parameter per token (2 forward, 4 backward), plus the attention scores and
+    their weighted sum, 12 * layers * d_model * seq^2 per sequence (forward and backward, no causal
+    discount, as the usual MFU convention counts it).
+    """
+    batch_size, seq_len = input_ids.shape
+    dense = 6 * matmul_params * batch_size * seq_len
+    attention = 12 * n_layers * d_model * seq_len * seq_len * batch_size
+    return dense + attention

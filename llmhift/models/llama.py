@@ -1,0 +1,405 @@
+"""The LLaMA-family decoder (MHA and GQA) as a Composer model, with an optional seam for structural masks."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from composer.models import ComposerModel
+from torch.utils.checkpoint import checkpoint
+from torchmetrics import Metric
+
+from llmhift.models.causal_lm import (
+    causal_lm_loss,
+    eval_metrics,
+    next_token_targets,
+    transformer_flops_per_batch,
+)
+
+__all__ = ["LlamaConfig", "LlamaModel", "ComposerLlama", "MASK_NAMES", "rope_inverse_frequencies"]
+
+ATTN_IMPLS = ("sdpa", "eager", "flash_attn")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+# Structural masks the forward understands, and the shape of each (L layers, H query heads,
+# I intermediate channels, d hidden). `layer` acts as both `head_layer` and `mlp`.
+MASK_NAMES = ("head", "head_layer", "intermediate", "mlp", "hidden", "layer")
+
+
+@dataclass
+class LlamaConfig:
+    """Shape and numerics of a LLaMA-family decoder.
+
+    ``head_dim`` defaults to ``d_model // n_heads`` but is kept separate because pruning the hidden
+    size leaves the head size alone (LLaMA-2-7B pruned to d_model 2560 keeps head_dim 128).
+    ``rope_scaling`` takes the Hugging Face dict (``rope_type`` ``linear`` or ``llama3``).
+    """
+
+    vocab_size: int = 32000
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int = 11008
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attn_impl: str = "sdpa"
+    activation_checkpointing: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
+                "(each key/value head serves a whole group of query heads)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
+        rope_type = self.rope_type
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}")
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "LlamaConfig":
+        """Builds a config, naming any key that is not a field (a typo must not pass silently)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def rope_inverse_frequencies(config: LlamaConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies, with the context-extension rescaling of ``rope_scaling`` applied."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)  # (hd/2,)
+    rope_type = config.rope_type
+    if rope_type == "linear":
+        return inv_freq / config.rope_scaling["factor"]
+    if rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and the band between
+        # the two cut-offs blends linearly in 1/wavelength so no frequency jumps.
+        scaling = config.rope_scaling
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        original_context = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        slowed = torch.where(wavelength > original_context / low, inv_freq / factor, inv_freq)
+        blend = (original_context / wavelength - low) / (high - low)
+        blended = (1 - blend) * slowed / factor + blend * slowed
+        in_band = (wavelength >= original_context / high) & (wavelength <= original_context / low)
+        return torch.where(in_band, blended, slowed)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs (i, i + hd/2): the half-split layout Hugging Face LLaMA weights are stored in."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm; under a hidden mask the mean runs over the kept dimensions only."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, hidden_mask: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if hidden_mask is None:
+            variance = x.pow(2).mean(-1, keepdim=True)
+        else:
+            # Pruned dimensions must not dilute the statistic: after physical pruning they are gone.
+            kept = (hidden_mask != 0).to(x.dtype)  # (d,)
+            variance = (x.pow(2) * kept).sum(-1, keepdim=True) / kept.sum().clamp(min=1)
+        out = self.weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
+        if hidden_mask is not None:
+            out = out * hidden_mask
+        return out
+
+
+def _flash_attn_func():
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "attn_impl='flash_attn' needs the flash-attn package: pip install 'llmhift[gpu]' "
+            "(CUDA only), or use attn_impl='sdpa', which also runs flash kernels on GPU"
+        )
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped key/value heads (MHA when n_kv_heads == n_heads)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.attn_impl = config.attn_impl
+        self.wq = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        self._flash = _flash_attn_func() if self.attn_impl == "flash_attn" else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        head_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        y = self._attend(q, k, v)  # (B, H, T, hd)
+        if head_mask is not None:
+            y = y * head_mask.view(1, self.n_heads, 1, 1).to(y.dtype)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        grouped = self.n_kv_heads != self.n_heads
+        if self.attn_impl == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+        if self.attn_impl == "flash_attn":
+            if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+                raise RuntimeError(
+                    f"attn_impl='flash_attn' runs on CUDA in bf16/fp16 only (got {q.device}, {q.dtype}); "
+                    "use precision amp_bf16 on a GPU, or attn_impl='sdpa'"
+                )
+            # flash-attn wants (B, T, H, hd) and handles grouped heads itself.
+            out = self._flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            return out.transpose(1, 2)
+        # eager: the textbook computation, kept as the reference the fused paths are tested against.
+        group = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T, hd)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
+        T = q.size(-2)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward; the intermediate mask acts on the gated product, before the down projection."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(config.d_model, config.intermediate_size, bias=False)
+        self.w_up = nn.Linear(config.d_model, config.intermediate_size, bias=False)
+        self.w_down = nn.Linear(config.intermediate_size, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, intermediate_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.silu(self.w_gate(x)) * self.w_up(x)  # (B, T, I)
+        if intermediate_mask is not None:
+            h = h * intermediate_mask.to(h.dtype)
+        return self.w_down(h)
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm attention then pre-norm MLP, each added to the residual stream."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        masks: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if masks is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin)
+            return x + self.mlp(self.mlp_norm(x))
+        hidden = masks.get("hidden")
+        attn_out = self.attn(self.attn_norm(x, hidden), cos, sin, masks.get("head"))
+        x = x + _scale(attn_out, masks.get("head_layer"), hidden)
+        mlp_out = self.mlp(self.mlp_norm(x, hidden), masks.get("intermediate"))
+        return x + _scale(mlp_out, masks.get("mlp"), hidden)
+
+
+def _scale(x: torch.Tensor, *factors: torch.Tensor | None) -> torch.Tensor:
+    for factor in factors:
+        if factor is not None:
+            x = x * factor.to(x.dtype)
+    return x
+
+
+def _layer_masks(masks: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """The masks one layer needs; `layer` folds into both sublayer gates."""
+    per_layer: dict[str, torch.Tensor] = {}
+    for name in ("head", "head_layer", "intermediate", "mlp"):
+        if name in masks:
+            per_layer[name] = masks[name][layer]
+    if "layer" in masks:
+        gate = masks["layer"][layer]
+        for name in ("head_layer", "mlp"):
+            per_layer[name] = per_layer[name] * gate if name in per_layer else gate
+    if "hidden" in masks:
+        per_layer["hidden"] = masks["hidden"]
+    return per_layer
+
+
+class LlamaModel(nn.Module):
+    """Token embeddings, decoder blocks, final norm and LM head; returns logits.
+
+    ``masks`` (a dict keyed by ``MASK_NAMES``) scales heads, channels, sublayers and hidden
+    dimensions. Without masks the forward is a plain LLaMA with no extra work.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def rope_tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions 0..seq_len-1, fp32, recomputed per call: a few thousand
+        elements, and no buffer that would need re-initialising after meta-device construction."""
+        inv_freq = rope_inverse_frequencies(self.config, device)
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # (T, hd/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+        return angles.cos(), angles.sin()
+
+    def forward(
+        self, input_ids: torch.Tensor, masks: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        if masks is not None:
+            unknown = set(masks) - set(MASK_NAMES)
+            if unknown:
+                raise ValueError(f"unknown mask name(s) {sorted(unknown)}; expected some of {MASK_NAMES}")
+        x = self.tok_embeddings(input_ids)  # (B, T, d)
+        hidden = masks.get("hidden") if masks is not None else None
+        if hidden is not None:
+            x = x * hidden.to(x.dtype)
+        cos, sin = self.rope_tables(input_ids.size(1), input_ids.device)
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.layers):
+            layer_masks = _layer_masks(masks, i) if masks is not None else None
+            if recompute:
+                x = checkpoint(block, x, cos, sin, layer_masks, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, layer_masks)
+        x = self.norm(x, hidden)
+        weight = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)  # (B, T, V)
+
+
+class ComposerLlama(ComposerModel):
+    """A LLaMA-family decoder for Composer's Trainer: next-token loss, eval metrics and MFU.
+
+    Args:
+        config (LlamaConfig | dict): the model shape; a dict is validated key by key.
+        mask_source (nn.Module, optional): a module whose ``forward()`` returns the structural masks
+            (a dict keyed by ``MASK_NAMES``). It is a submodule, so its parameters are trained and
+            checkpointed with the model; pruning plugs its L0 module in here. Default: ``None``
+            (a plain LLaMA, no masking cost).
+        train_metrics (bool): also compute the eval metrics on training batches (a cost every
+            batch). Default: ``False``.
+
+    Batches are dicts with ``input_ids`` (B, T) and optionally ``labels`` aligned with them (-100
+    where no loss is wanted). Every sequence is treated as causal and unpadded: pad on the right
+    and mask the padding in ``labels``.
+
+    Example:
+        >>> from composer import Trainer
+        >>> model = ComposerLlama(LlamaConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4,
+        ...                                   intermediate_size=128))
+        >>> trainer = Trainer(model=model, train_dataloader=loader, max_duration="10ba")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig | Mapping[str, Any],
+        mask_source: nn.Module | None = None,
+        train_metrics: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config if isinstance(config, LlamaConfig) else LlamaConfig.from_dict(config)
+        self.model = LlamaModel(self.config)
+        self.mask_source = mask_source
+        self.train_metrics = eval_metrics() if train_metrics else {}
+        self.eval_metrics = eval_metrics()
+        # The input embedding is a lookup, not a matmul; a tied table is still the LM head's matmul.
+        embedding = self.model.tok_embeddings.weight.numel()
+        total = sum(p.numel() for p in self.model.parameters())
+        self._matmul_params = total if self.config.tie_word_embeddings else total - embedding
+
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        masks = self.mask_source() if self.mask_source is not None else None
+        return self.model(batch["input_ids"], masks=masks)
+
+    def loss(self, outputs: torch.Tensor, batch: Mapping[str, Any], *args, **kwargs) -> torch.Tensor:
+        return causal_lm_loss(outputs, next_token_targets(batch))
+
+    def eval_forward(self, batch: Mapping[str, Any], outputs: torch.Tensor | None = None) -> torch.Tensor:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return self.train_metrics if is_train else self.eval_metrics
+
+    def update_metric(self, batch: Mapping[str, Any], outputs: torch.Tensor, metric: Metric) -> None:
+        metric.update(outputs, next_token_targets(batch))
+
+    def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
+        return transformer_flops_per_batch(
+            self._matmul_params,
+            self.config.n_layers,
+            self.config.n_heads * self.config.head_dim,  # attention width; differs from d_model once pruned
+            batch["input_ids"],
+        )

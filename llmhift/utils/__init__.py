@@ -1,0 +1,1 @@
+"""Command-line utilities: checkpoint converters and equivalence checks."""

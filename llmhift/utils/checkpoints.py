@@ -1,0 +1,120 @@
+"""Reading model weights out of checkpoints and writing outputs atomically, for every converter."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmhift.models.hf_adapter import ConversionError, hf_to_llmhift_state_dict
+
+__all__ = [
+    "LLMHIFT_KEY",
+    "load_checkpoint",
+    "model_state_dict",
+    "read_hf_weights",
+    "write_hf_weights",
+]
+
+# Where llmhift keeps its own metadata (model config, source HF config, tokenizer files) inside a
+# checkpoint dict, beside Composer's `state`.
+LLMHIFT_KEY = "llmhift"
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Composer checkpoint (``latest-rank0.pt`` or any ``ep*-ba*-rank0.pt``) or a bare state dict.
+
+    Composer checkpoints pickle more than tensors (timestamps, RNG states), so this unpickles in full:
+    only load checkpoints you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise ConversionError(f"{path} is not a readable torch checkpoint: {err}") from err
+    if not isinstance(checkpoint, dict):
+        raise ConversionError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ComposerLlama weights in a checkpoint, whichever of the naming schemes it uses.
+
+    Accepted: Composer's ``state.model`` or a bare state dict, in llmhift's names
+    (``model.layers.0.attn.wq.weight``) or Hugging Face's (``model.layers.0.self_attn.q_proj.weight``,
+    also under the extra ``model.`` of a wrapped HF model); a DDP ``module.`` prefix is dropped.
+    """
+    if isinstance(checkpoint.get("state"), dict) and "model" in checkpoint["state"]:
+        weights = checkpoint["state"]["model"]
+    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        weights = checkpoint
+    else:
+        raise ConversionError(
+            f"neither a Composer checkpoint (no state.model) nor a state dict (top-level keys: {sorted(checkpoint)[:8]})"
+        )
+    weights = _strip_prefix(dict(weights), "module.")
+    if any(k.startswith("model.model.") for k in weights):
+        weights = _strip_prefix(weights, "model.")
+    if "model.embed_tokens.weight" in weights:
+        tied = "lm_head.weight" not in weights
+        weights = hf_to_llmhift_state_dict(weights, tie_word_embeddings=tied)
+    return weights
+
+
+def _strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if weights and all(k.startswith(prefix) for k in weights):
+        return {k[len(prefix) :]: v for k, v in weights.items()}
+    return weights
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF model folder: safetensors (single or sharded) or pytorch_model.bin."""
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = hf_dir / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (hf_dir / single_name).is_file():
+            files = [single_name]
+        else:
+            continue
+        weights: dict[str, torch.Tensor] = {}
+        for name in files:
+            if name.endswith(".safetensors"):
+                weights.update(load_file(hf_dir / name))
+            else:
+                weights.update(torch.load(hf_dir / name, map_location="cpu", weights_only=True))
+        return weights
+    raise ConversionError(f"{hf_dir} holds no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+def write_hf_weights(weights: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Safetensors in shards of at most ``max_shard_bytes`` plus HF's index when there are several."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for key, tensor in weights.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][key] = tensor.contiguous()
+        shard_bytes += size
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out_dir / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,163 @@
+"""Convert LLaMA-family weights between Hugging Face folders and llmhift (Composer) checkpoints.
+
+    python -m llmhift.utils.composer_to_hf save_hf_to_composer HF_DIR OUT.pt [overwrite=true]
+    python -m llmhift.utils.composer_to_hf save_composer_to_hf CKPT OUT_DIR [key=value ...]
+
+``save_composer_to_hf`` keys: ``dtype`` (fp32, bf16, fp16; default fp32), ``tokenizer`` (a folder to
+copy into the output), ``overwrite`` (default false), and any LlamaConfig field (``n_heads``,
+``rope_theta``, ...) that neither the checkpoint nor the weights' shapes tell.
+No Hub access: the HF config comes from the weights and the configs stored with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import yaml
+
+from llmhift.models.hf_adapter import (
+    ConversionError,
+    check_state_dict_matches,
+    hf_config_from_llama,
+    hf_to_llmhift_state_dict,
+    infer_llama_config,
+    llama_config_from_hf,
+    llmhift_to_hf_state_dict,
+)
+from llmhift.models.llama import LlamaConfig
+from llmhift.utils.atomic import atomic_directory, atomic_file
+from llmhift.utils.checkpoints import (
+    LLMHIFT_KEY,
+    load_checkpoint,
+    model_state_dict,
+    read_hf_weights,
+    write_hf_weights,
+)
+
+__all__ = ["save_hf_to_composer", "save_composer_to_hf", "load_llama_checkpoint", "main"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOKENIZER_NAMES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def _tokenizer_files(folder: Path) -> dict[str, bytes]:
+    """The tokenizer's files in an HF folder (tokenizer.json, tokenizer.model, special tokens, ...)."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and (p.name.startswith("tokenizer") or p.name in TOKENIZER_NAMES)
+    }
+
+
+def save_hf_to_composer(hf_dir: str | Path, out_path: str | Path, overwrite: bool = False) -> Path:
+    """An HF LLaMA/Mistral folder -> a checkpoint whose ``state.model`` loads into ComposerLlama.
+
+    The file also carries the model config, the source's config.json and its tokenizer files, so
+    the way back to HF needs nothing else.
+    """
+    hf_dir = Path(hf_dir)
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
+    hf_config = json.loads(config_file.read_text())
+    config = llama_config_from_hf(hf_config)
+    weights = hf_to_llmhift_state_dict(read_hf_weights(hf_dir), config.tie_word_embeddings)
+    check_state_dict_matches(weights, config)
+    checkpoint = {
+        "state": {"model": weights},
+        LLMHIFT_KEY: {
+            "model_config": config.to_dict(),
+            "hf_config": hf_config,
+            "tokenizer_files": _tokenizer_files(hf_dir),
+        },
+    }
+    with atomic_file(out_path, overwrite) as tmp:
+        torch.save(checkpoint, tmp)
+    return Path(out_path)
+
+
+def load_llama_checkpoint(
+    path: str | Path, overrides: Mapping[str, Any] | None = None
+) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(config, ComposerLlama weights, llmhift metadata) of a checkpoint; the config comes from the
+    checkpoint's stored model config, then ``overrides``, then the weights' shapes, all cross-checked."""
+    checkpoint = load_checkpoint(path)
+    meta = checkpoint.get(LLMHIFT_KEY, {})
+    weights = model_state_dict(checkpoint)
+    known = {**meta.get("model_config", {}), **(overrides or {})}
+    return infer_llama_config(weights, known), weights, meta
+
+
+def save_composer_to_hf(
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    dtype: str = "fp32",
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+    **config_overrides: Any,
+) -> Path:
+    """A Composer checkpoint or state dict -> an HF LlamaForCausalLM folder (safetensors), atomically."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ConversionError(f"tokenizer={tokenizer} is not a folder")
+    config, weights, meta = load_llama_checkpoint(checkpoint_path, config_overrides)
+    hf_weights = {k: v.to(DTYPES[dtype]) for k, v in llmhift_to_hf_state_dict(weights).items()}
+    hf_config = hf_config_from_llama(config, meta.get("hf_config"))
+    hf_config["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
+    tokenizer_files = _tokenizer_files(Path(tokenizer)) if tokenizer else meta.get("tokenizer_files", {})
+    with atomic_directory(out_dir, overwrite) as tmp:
+        write_hf_weights(hf_weights, tmp)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        for name, content in tokenizer_files.items():
+            (tmp / name).write_bytes(content)
+    return Path(out_dir)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` words -> a dict, values read as YAML so numbers, booleans and dicts keep their type."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConversionError(f"expected key=value, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmhift.utils.composer_to_hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_composer = commands.add_parser("save_hf_to_composer", help="HF folder -> Composer checkpoint")
+    to_composer.add_argument("hf_dir")
+    to_composer.add_argument("out_path")
+    to_composer.add_argument("overrides", nargs="*", metavar="overwrite=true")
+    to_hf = commands.add_parser("save_composer_to_hf", help="Composer checkpoint -> HF folder")
+    to_hf.add_argument("checkpoint")
+    to_hf.add_argument("out_dir")
+    to_hf.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+        if args.command == "save_hf_to_composer":
+            unknown = set(overrides) - {"overwrite"}
+            if unknown:
+                raise ConversionError(f"save_hf_to_composer takes only overwrite=..., not {sorted(unknown)}")
+            out = save_hf_to_composer(args.hf_dir, args.out_path, **overrides)
+        else:
+            out = save_composer_to_hf(args.checkpoint, args.out_dir, **overrides)
+    except (ConversionError, OSError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Packaging for llmhift: Sheared-LLaMA pruning, dynamic batch loading and HiFT as Composer plugins."""
+
+from setuptools import find_packages, setup
+
+# The pins are the stack DESIGN.md verified end to end on CPU: Composer 0.32.1 needs torch < 2.7.1
+# and imports torchvision; mosaicml-streaming 0.13 needs transformers < 5.
+install_requires = [
+    "torch==2.7.0",
+    "torchvision==0.22.0",
+    "mosaicml==0.32.1",
+    "mosaicml-streaming==0.13.0",
+    "transformers>=4.57,<4.58",
+    "tokenizers>=0.22,<0.23",
+    "safetensors>=0.4",
+    "omegaconf>=2.4,<2.5",
+    "numpy<2.2",
+    "tqdm",
+]
+
+extras_require = {
+    "test": ["pytest>=8", "pytest-timeout"],
+    "gpu": ["flash-attn>=2.5"],
+}
+
+setup(
+    name="llmhift",
+    version="0.1.0",
+    description="Sheared-LLaMA pruning, DoReMi-style dynamic loading and HiFT as MosaicML Composer callbacks",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llmhift", "llmhift.*"]),
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require=extras_require,
+    entry_points={"console_scripts": ["llmhift-composer-to-hf=llmhift.utils.composer_to_hf:main"]},
+)
