@@ -12,6 +12,7 @@ from torchmetrics import Metric
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from llmhift.models.causal_lm import causal_lm_loss, eval_metrics, next_token_targets, transformer_flops_per_batch
+from llmhift.models.metrics import domain_metrics, update_llm_metric
 
 __all__ = ["ComposerHFCausalLM"]
 
@@ -38,6 +39,8 @@ class ComposerHFCausalLM(ComposerModel):
             the model as an HF checkpoint. Default: ``None``.
         train_metrics (bool, optional): whether to compute the eval metrics on training batches too.
             Default: ``False``.
+        eval_domains (Sequence[str], optional): domain names, in ``domain_idx`` order, for per-domain
+            eval cross-entropy (``<domain>_LanguageCrossEntropy``). Default: none.
 
     Attributes:
         matmul_params (int): the parameters that take part in a matmul, counted once at
@@ -60,11 +63,13 @@ class ComposerHFCausalLM(ComposerModel):
         model: PreTrainedModel,
         tokenizer: Optional[PreTrainedTokenizerBase] = None,
         train_metrics: bool = False,
+        eval_domains: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.train_metrics = train_metrics
+        self.eval_domains = list(eval_domains)
         self.n_layers = _config_int(model.config, _N_LAYERS_NAMES)
         self.d_model = _config_int(model.config, _D_MODEL_NAMES)
         # Counted here, not per batch: under FSDP the parameters are flattened and sharded later.
@@ -76,6 +81,7 @@ class ComposerHFCausalLM(ComposerModel):
         path: Union[str, os.PathLike],
         torch_dtype: Optional[Union[torch.dtype, str]] = None,
         attn_implementation: Optional[str] = None,
+        eval_domains: Sequence[str] = (),
         **kwargs: Any,
     ) -> ComposerHFCausalLM:
         """Loads a local HF checkpoint folder (never the Hub); ``kwargs`` go to ``from_pretrained``."""
@@ -89,7 +95,7 @@ class ComposerHFCausalLM(ComposerModel):
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
-        return cls(model)
+        return cls(model, eval_domains=eval_domains)
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> ComposerHFCausalLM:
@@ -118,10 +124,10 @@ class ComposerHFCausalLM(ComposerModel):
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         if is_train and not self.train_metrics:
             return {}
-        return eval_metrics()
+        return {**eval_metrics(), **domain_metrics(self.eval_domains)}
 
     def update_metric(self, batch: Mapping[str, torch.Tensor], outputs: torch.Tensor, metric: Metric) -> None:
-        metric.update(outputs, next_token_targets(batch))
+        update_llm_metric(metric, batch, outputs)
 
     def flops_per_batch(self, batch: Mapping[str, torch.Tensor]) -> int:
         """Training FLOPs of ``batch`` (padding included), which SpeedMonitor turns into FLOP/s and MFU."""

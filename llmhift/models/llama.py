@@ -6,7 +6,7 @@ import dataclasses
 import importlib.util
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from llmhift.models.causal_lm import (
     next_token_targets,
     transformer_flops_per_batch,
 )
+from llmhift.models.metrics import domain_metrics, update_llm_metric
 
 __all__ = ["LlamaConfig", "LlamaModel", "ComposerLlama", "MASK_NAMES", "rope_inverse_frequencies"]
 
@@ -351,6 +352,8 @@ class ComposerLlama(ComposerModel):
             (a plain LLaMA, no masking cost).
         train_metrics (bool): also compute the eval metrics on training batches (a cost every
             batch). Default: ``False``.
+        eval_domains (Sequence[str]): domain names, in ``domain_idx`` order, for per-domain eval
+            cross-entropy (``<domain>_LanguageCrossEntropy``). Default: none.
 
     Batches are dicts with ``input_ids`` (B, T) and optionally ``labels`` aligned with them (-100
     where no loss is wanted). Every sequence is treated as causal and unpadded: pad on the right
@@ -368,13 +371,14 @@ class ComposerLlama(ComposerModel):
         config: LlamaConfig | Mapping[str, Any],
         mask_source: nn.Module | None = None,
         train_metrics: bool = False,
+        eval_domains: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.config = config if isinstance(config, LlamaConfig) else LlamaConfig.from_dict(config)
         self.model = LlamaModel(self.config)
         self.mask_source = mask_source
         self.train_metrics = eval_metrics() if train_metrics else {}
-        self.eval_metrics = eval_metrics()
+        self.eval_metrics = {**eval_metrics(), **domain_metrics(eval_domains)}
         # The input embedding is a lookup, not a matmul; a tied table is still the LM head's matmul.
         embedding = self.model.tok_embeddings.weight.numel()
         total = sum(p.numel() for p in self.model.parameters())
@@ -394,7 +398,7 @@ class ComposerLlama(ComposerModel):
         return self.train_metrics if is_train else self.eval_metrics
 
     def update_metric(self, batch: Mapping[str, Any], outputs: torch.Tensor, metric: Metric) -> None:
-        metric.update(outputs, next_token_targets(batch))
+        update_llm_metric(metric, batch, outputs)
 
     def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
         return transformer_flops_per_batch(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from llmhift.models.hf_adapter import ConversionError, hf_to_llmhift_state_dict
@@ -18,6 +19,8 @@ __all__ = [
     "model_state_dict",
     "read_hf_weights",
     "write_hf_weights",
+    "read_llama_weights",
+    "run_config_beside",
 ]
 
 # Where llmhift keeps its own metadata (model config, source HF config, tokenizer files) inside a
@@ -118,3 +121,25 @@ def write_hf_weights(weights: dict[str, torch.Tensor], out_dir: Path, max_shard_
     total = sum(t.numel() * t.element_size() for t in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def read_llama_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """ComposerLlama weights from an HF model folder or a Composer checkpoint / state dict file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConversionError(f"{path} is a folder without config.json: not a Hugging Face model folder")
+        tied = bool(json.loads((path / "config.json").read_text()).get("tie_word_embeddings", False))
+        return hf_to_llmhift_state_dict(read_hf_weights(path), tie_word_embeddings=tied)
+    return model_state_dict(load_checkpoint(path))
+
+
+def run_config_beside(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The resolved ``config.yaml`` that ``train.py`` saves in its save folder, if the checkpoint
+    sits there (``latest-rank0.pt`` may be a symlink, so both its folder and its target's count)."""
+    path = Path(checkpoint)
+    for folder in dict.fromkeys((path.parent, path.resolve().parent)):
+        candidate = folder / "config.yaml"
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text()) or {}
+    return {}

@@ -36,6 +36,7 @@ from llmhift.utils.checkpoints import (
     load_checkpoint,
     model_state_dict,
     read_hf_weights,
+    run_config_beside,
     write_hf_weights,
 )
 
@@ -84,10 +85,20 @@ def save_hf_to_composer(hf_dir: str | Path, out_path: str | Path, overwrite: boo
 def load_llama_checkpoint(
     path: str | Path, overrides: Mapping[str, Any] | None = None
 ) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(config, ComposerLlama weights, llmhift metadata) of a checkpoint; the config comes from the
-    checkpoint's stored model config, then ``overrides``, then the weights' shapes, all cross-checked."""
+    """(config, ComposerLlama weights, llmhift metadata) of a checkpoint.
+
+    The config comes from, in order of precedence: ``overrides``; the model config stored in the
+    checkpoint (by ``save_hf_to_composer``) or in the ``config.yaml`` that ``train.py`` saved beside
+    it; the weights' shapes. All of them are cross-checked against the shapes.
+    """
     checkpoint = load_checkpoint(path)
-    meta = checkpoint.get(LLMHIFT_KEY, {})
+    meta = dict(checkpoint.get(LLMHIFT_KEY, {}))
+    run_config = run_config_beside(path)
+    if "model_config" not in meta and run_config.get("model", {}).get("name") == "llama":
+        meta["model_config"] = {k: v for k, v in run_config["model"].items() if k not in ("name", "pretrained")}
+    tokenizer_dir = Path((run_config.get("tokenizer") or {}).get("name") or "")
+    if "tokenizer_files" not in meta and tokenizer_dir.name and tokenizer_dir.is_dir():
+        meta["tokenizer_files"] = _tokenizer_files(tokenizer_dir)
     weights = model_state_dict(checkpoint)
     known = {**meta.get("model_config", {}), **(overrides or {})}
     return infer_llama_config(weights, known), weights, meta

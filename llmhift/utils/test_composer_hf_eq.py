@@ -34,7 +34,7 @@ def max_logit_difference(
     checkpoint's config as in ``save_composer_to_hf``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf = AutoModelForCausalLM.from_pretrained(
-        hf_dir, local_files_only=True, torch_dtype=torch.float32, attn_implementation="eager"
+        hf_dir, local_files_only=True, dtype=torch.float32, attn_implementation="eager"
     )
     config, weights, _ = load_llama_checkpoint(checkpoint, overrides)
     config.attn_impl = "eager"

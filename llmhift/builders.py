@@ -1,0 +1,367 @@
+"""One build path from a validated TrainConfig to a vanilla composer.Trainer.
+
+Cheap checks and objects come first (data folders, callbacks, loggers), the model and data loaders
+last, so that a typo costs a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from composer import Algorithm, Callback, Evaluator, Trainer
+from composer.algorithms import GradientClipping
+from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
+from composer.loggers import FileLogger, LoggerDestination
+from composer.models import ComposerModel
+from composer.optim import (
+    ComposerScheduler,
+    ConstantWithWarmupScheduler,
+    CosineAnnealingWithWarmupScheduler,
+    DecoupledAdamW,
+    LinearWithWarmupScheduler,
+)
+from composer.utils import dist
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from llmhift.config import ConfigError, LoaderConfig, TrainConfig, device_batch_sizes
+from llmhift.datasets.demo_data import ensure_demo_data
+from llmhift.datasets.text import DataFolderError, MultiDomainTextDataset, find_domains, sequence_length
+from llmhift.models.hf_adapter import ConversionError, infer_llama_config
+from llmhift.models.hf_causal_lm import ComposerHFCausalLM
+from llmhift.models.llama import ComposerLlama, LlamaConfig
+from llmhift.utils.checkpoints import read_llama_weights
+
+__all__ = [
+    "CALLBACKS",
+    "LOGGERS",
+    "ALGORITHMS",
+    "on_gpu",
+    "check_data",
+    "build_callbacks",
+    "build_loggers",
+    "build_algorithms",
+    "build_llama_config",
+    "build_model",
+    "build_dataloader",
+    "build_optimizer",
+    "build_scheduler",
+    "build_trainer",
+    "check_config",
+    "check_optimization",
+    "check_tokenizer",
+    "check_precision",
+    "save_resolved_config",
+]
+
+# Names the yaml may use under `callbacks:`, `loggers:` and `algorithms:`, and what they build.
+CALLBACKS: dict[str, Callable[..., Callback]] = {
+    "lr_monitor": LRMonitor,
+    "speed_monitor": SpeedMonitor,
+    "memory_monitor": MemoryMonitor,
+    "optimizer_monitor": OptimizerMonitor,
+    "runtime_estimator": RuntimeEstimator,
+}
+
+
+def _tensorboard(**kwargs: Any) -> LoggerDestination:
+    from composer.loggers import TensorboardLogger
+
+    return TensorboardLogger(**kwargs)
+
+
+def _wandb(**kwargs: Any) -> LoggerDestination:
+    from composer.loggers import WandBLogger
+
+    return WandBLogger(**kwargs)
+
+
+def _mlflow(**kwargs: Any) -> LoggerDestination:
+    from composer.loggers import MLFlowLogger
+
+    return MLFlowLogger(**kwargs)
+
+
+LOGGERS: dict[str, Callable[..., LoggerDestination]] = {
+    "tensorboard": _tensorboard,
+    "wandb": _wandb,
+    "mlflow": _mlflow,
+    "file": FileLogger,
+}
+ALGORITHMS: dict[str, Callable[..., Algorithm]] = {"gradient_clipping": GradientClipping}
+OPTIMIZERS = ("decoupled_adamw", "adamw")
+SCHEDULERS = ("cosine_with_warmup", "constant_with_warmup", "linear_decay_with_warmup")
+MODELS = ("llama", "hf_causal_lm")
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _build_named(section: str, registry: Mapping[str, Callable[..., Any]], entries: Mapping[str, Any]) -> list[Any]:
+    built = []
+    for name, kwargs in entries.items():
+        if name not in registry:
+            raise ConfigError(f"{section}.{name}: unknown; available: {sorted(registry)}")
+        try:
+            built.append(registry[name](**(kwargs or {})))
+        except (TypeError, ValueError, ImportError) as err:
+            raise ConfigError(f"{section}.{name}: {err}") from err
+    return built
+
+
+def build_callbacks(config: TrainConfig) -> list[Callback]:
+    return _build_named("callbacks", CALLBACKS, config.callbacks)
+
+
+def build_loggers(config: TrainConfig) -> list[LoggerDestination]:
+    return _build_named("loggers", LOGGERS, config.loggers)
+
+
+def build_algorithms(config: TrainConfig) -> list[Algorithm]:
+    return _build_named("algorithms", ALGORITHMS, config.algorithms)
+
+
+def _loader_sections(config: TrainConfig) -> list[tuple[str, LoaderConfig]]:
+    sections = [("train_loader", config.train_loader)]
+    if config.eval_loader is not None:
+        sections.append(("eval_loader", config.eval_loader))
+    return sections
+
+
+def check_data(config: TrainConfig) -> dict[str, list[str]]:
+    """Builds the demo corpus if the yaml asks for it, then checks every loader's folders and
+    domains; returns each loader's domains. Remote data is checked when it is read."""
+    if config.demo_data:
+        ensure_demo_data(config.demo_data)
+    domains = {}
+    for section, loader in _loader_sections(config):
+        if loader.name != "text":
+            raise ConfigError(f"{section}.name: {loader.name!r} is not a known loader; available: ['text']")
+        dataset = loader.dataset
+        if dataset.remote:
+            if not dataset.domains:
+                raise ConfigError(f"{section}.dataset.domains: required with a remote (folders cannot be listed)")
+            domains[section] = list(dataset.domains)
+            continue
+        try:
+            domains[section] = find_domains(dataset.local, dataset.split, dataset.domains)
+        except DataFolderError as err:
+            raise ConfigError(f"{section}.dataset.local: {err}") from None
+        length = sequence_length(Path(dataset.local) / dataset.split / domains[section][0])
+        if dataset.max_seq_len is not None and dataset.max_seq_len != length:
+            raise ConfigError(
+                f"{section}.dataset.max_seq_len: {dataset.max_seq_len}, but the shards hold {length}-token samples"
+            )
+    if config.eval_loader is not None and domains["eval_loader"] != domains["train_loader"]:
+        raise ConfigError(
+            f"eval_loader.dataset.domains: {domains['eval_loader']} differ from the train domains "
+            f"{domains['train_loader']}; per-domain metrics need the same list in the same order"
+        )
+    return domains
+
+
+def check_tokenizer(config: TrainConfig) -> None:
+    """The tokenizer folder exists and fits the model's vocabulary (a larger tokenizer would index
+    past the embedding table mid-run)."""
+    if config.tokenizer is None:
+        return
+    folder = Path(config.tokenizer.name)
+    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"tokenizer.name: {folder} is not a local tokenizer folder (llmhift never downloads)")
+    vocab = config.model.get("vocab_size")
+    if config.model.get("name") == "llama" and vocab is not None:
+        size = len(AutoTokenizer.from_pretrained(folder, **config.tokenizer.kwargs))
+        if size > vocab:
+            raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {size} tokens ({folder})")
+
+
+def build_llama_config(model_section: Mapping[str, Any]) -> LlamaConfig:
+    values = {k: v for k, v in model_section.items() if k not in ("name", "pretrained")}
+    try:
+        return LlamaConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+
+
+def _load_pretrained_llama(model: ComposerLlama, path: str) -> None:
+    """Loads weights strictly; the checkpoint's shapes must be the yaml's (a 7B checkpoint does not
+    silently half-load into a 1.3B yaml)."""
+    if not Path(path).exists():
+        raise ConfigError(f"model.pretrained: {path} does not exist")
+    try:
+        weights = read_llama_weights(path)
+        shape = {k: getattr(model.config, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads",
+                                                       "n_kv_heads", "head_dim", "intermediate_size",
+                                                       "tie_word_embeddings")}
+        infer_llama_config(weights, shape)
+    except ConversionError as err:
+        raise ConfigError(f"model.pretrained: {path}: {err}") from None
+    model.model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()}, strict=True)
+
+
+def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> ComposerModel:
+    section = dict(config.model)
+    name = section["name"]
+    if name == "llama":
+        model = ComposerLlama(build_llama_config(section), eval_domains=eval_domains or ())
+        if section.get("pretrained"):
+            _load_pretrained_llama(model, section["pretrained"])
+        return model
+    if name == "hf_causal_lm":
+        kwargs = {k: v for k, v in section.items() if k not in ("name", "pretrained")}
+        if not section.get("pretrained"):
+            raise ConfigError("model.pretrained: hf_causal_lm needs a local Hugging Face model folder")
+        try:
+            return ComposerHFCausalLM.from_pretrained(section["pretrained"], eval_domains=eval_domains or (), **kwargs)
+        except (OSError, TypeError, ValueError) as err:
+            raise ConfigError(f"model: {err}") from None
+    raise ConfigError(f"model.name: {name!r} is not one of {MODELS}")
+
+
+def build_dataloader(loader: LoaderConfig, domains: list[str], batch_size: int) -> DataLoader:
+    dataset = loader.dataset
+    text = MultiDomainTextDataset(
+        local=dataset.local,
+        split=dataset.split,
+        domains=domains,
+        batch_size=batch_size,
+        remote=dataset.remote,
+        shuffle=dataset.shuffle,
+        shuffle_seed=dataset.shuffle_seed,
+    )
+    workers = loader.num_workers
+    return DataLoader(
+        text,
+        batch_size=batch_size,
+        drop_last=loader.drop_last,
+        num_workers=workers,
+        pin_memory=loader.pin_memory,
+        prefetch_factor=loader.prefetch_factor if workers else None,
+        persistent_workers=loader.persistent_workers if workers else False,
+        timeout=loader.timeout,
+    )
+
+
+def build_optimizer(config: TrainConfig, model: ComposerModel) -> torch.optim.Optimizer:
+    opt = config.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt.name == "decoupled_adamw":
+        return DecoupledAdamW(params, **kwargs)
+    if opt.name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    raise ConfigError(f"optimizer.name: {opt.name!r} is not one of {OPTIMIZERS}")
+
+
+def build_scheduler(config: TrainConfig) -> ComposerScheduler:
+    sched = config.scheduler
+    if sched.name == "cosine_with_warmup":
+        return CosineAnnealingWithWarmupScheduler(t_warmup=sched.t_warmup, alpha_f=sched.alpha_f)
+    if sched.name == "constant_with_warmup":
+        return ConstantWithWarmupScheduler(t_warmup=sched.t_warmup)
+    if sched.name == "linear_decay_with_warmup":
+        return LinearWithWarmupScheduler(t_warmup=sched.t_warmup, alpha_f=sched.alpha_f)
+    raise ConfigError(f"scheduler.name: {sched.name!r} is not one of {SCHEDULERS}")
+
+
+def check_optimization(config: TrainConfig) -> None:
+    """Optimizer and scheduler names, checked before the model is built rather than after."""
+    if config.optimizer.name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name: {config.optimizer.name!r} is not one of {OPTIMIZERS}")
+    if config.scheduler.name not in SCHEDULERS:
+        raise ConfigError(f"scheduler.name: {config.scheduler.name!r} is not one of {SCHEDULERS}")
+
+
+def _parallelism(config: TrainConfig) -> dict[str, Any] | None:
+    if not config.fsdp_config:
+        return None
+    if not on_gpu() and os.environ.get("FSDP_VERSION") != "2":
+        raise ConfigError(
+            "fsdp_config: Composer's default FSDP (v1) needs CUDA; on CPU run with FSDP_VERSION=2 "
+            "or remove fsdp_config"
+        )
+    return {"fsdp": dict(config.fsdp_config)}
+
+
+def check_precision(config: TrainConfig) -> None:
+    if config.precision != "fp32" and not on_gpu():
+        raise ConfigError(f"precision: {config.precision} needs a GPU; on CPU use precision=fp32")
+
+
+def save_resolved_config(config: TrainConfig) -> None:
+    """Writes the run's resolved yaml to ``<save_folder>/config.yaml`` (rank 0, atomically): the
+    converters and the post-pruning processor read the model shape from it."""
+    if not config.save_folder or "://" in config.save_folder or dist.get_global_rank() != 0:
+        return
+    folder = Path(config.save_folder.format(run_name=config.run_name))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(config.to_yaml())
+    os.replace(tmp, folder / "config.yaml")
+
+
+def check_config(config: TrainConfig) -> dict[str, list[str]]:
+    """Every check that needs neither the model nor the data loaders; returns each loader's domains.
+    Runs in seconds, so a typo fails before anything heavy starts."""
+    check_precision(config)
+    check_optimization(config)
+    if config.model["name"] == "llama":
+        build_llama_config(config.model)
+    elif config.model["name"] not in MODELS:
+        raise ConfigError(f"model.name: {config.model['name']!r} is not one of {MODELS}")
+    domains = check_data(config)
+    check_tokenizer(config)
+    device_batch_sizes(config, dist.get_world_size(), on_gpu())
+    return domains
+
+
+def build_trainer(config: TrainConfig) -> Trainer:
+    """Everything checked, everything built, a Trainer ready to ``fit()``."""
+    domains = check_config(config)
+    parallelism = _parallelism(config)
+    callbacks, loggers, algorithms = build_callbacks(config), build_loggers(config), build_algorithms(config)
+    device = "gpu" if on_gpu() else "cpu"
+    dist.initialize_dist(device, config.dist_timeout)
+    batch_size, microbatch_size = device_batch_sizes(config, dist.get_world_size(), on_gpu())
+
+    train_loader = build_dataloader(config.train_loader, domains["train_loader"], batch_size)
+    evaluators = []
+    if config.eval_loader is not None:
+        eval_loader = build_dataloader(config.eval_loader, domains["eval_loader"], config.device_eval_batch_size)
+        evaluators.append(Evaluator(label="eval", dataloader=eval_loader))
+    model = build_model(config, domains.get("eval_loader"))
+    save_resolved_config(config)
+    return Trainer(
+        run_name=config.run_name,
+        seed=config.seed,
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=evaluators or None,
+        eval_interval=config.eval_interval,
+        eval_subset_num_batches=config.eval_subset_num_batches,
+        optimizers=build_optimizer(config, model),
+        schedulers=build_scheduler(config),
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=loggers,
+        max_duration=config.max_duration,
+        precision=config.precision,
+        device=device,
+        device_train_microbatch_size=microbatch_size,
+        parallelism_config=parallelism,
+        save_folder=config.save_folder,
+        save_interval=config.save_interval,
+        save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
+        save_overwrite=config.save_overwrite,
+        autoresume=config.autoresume,
+        load_path=config.load_path,
+        load_weights_only=config.load_weights_only,
+        progress_bar=config.progress_bar,
+        log_to_console=config.log_to_console,
+        console_log_interval=config.console_log_interval,
+        dist_timeout=config.dist_timeout,
+    )

@@ -1,0 +1,203 @@
+"""The training yaml: llm-foundry's layout as typed dataclasses, CLI overrides, and early validation.
+
+A run is described by one yaml plus ``dotted.key=value`` overrides. Everything that can be checked
+without building the model is checked here, before the first heavy step, and every error names the
+key and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "ConfigError",
+    "DatasetConfig",
+    "LoaderConfig",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "load_config",
+    "config_from_dict",
+    "device_batch_sizes",
+    "PRECISIONS",
+]
+
+PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
+
+
+class ConfigError(ValueError):
+    """A yaml or override that cannot run; the message starts with the offending key."""
+
+
+@dataclass
+class DatasetConfig:
+    """MDS folders written by ``llmhift.datasets.prepare``: ``<local>/<split>/<domain>/``."""
+
+    local: str = MISSING
+    remote: Optional[str] = None  # streaming's remote (s3://, gs://, ...); shards are cached in `local`
+    split: str = "train"
+    domains: Optional[list[str]] = None  # default: every domain folder found under <local>/<split>
+    shuffle: bool = True
+    shuffle_seed: int = 17
+    max_seq_len: Optional[int] = None  # when given, must equal the shards' sequence length
+
+
+@dataclass
+class LoaderConfig:
+    name: str = "text"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    drop_last: bool = True
+    num_workers: int = 0
+    prefetch_factor: Optional[int] = None
+    persistent_workers: bool = False
+    pin_memory: bool = False
+    timeout: float = 0.0
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = MISSING  # a local tokenizer folder (AutoTokenizer.from_pretrained, offline)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "decoupled_adamw"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine_with_warmup"
+    t_warmup: str = "0ba"
+    alpha_f: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Every top-level key a training yaml may hold. Free-form sections (``model``, ``callbacks``,
+    ``loggers``, ``algorithms``, ``fsdp_config``) are checked by the builders that consume them."""
+
+    model: dict[str, Any] = MISSING
+    train_loader: LoaderConfig = MISSING
+    max_duration: str = MISSING
+    global_train_batch_size: int = MISSING
+    tokenizer: Optional[TokenizerConfig] = None
+    eval_loader: Optional[LoaderConfig] = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    algorithms: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    loggers: dict[str, Any] = field(default_factory=dict)
+    variables: dict[str, Any] = field(default_factory=dict)
+    device_train_microbatch_size: Any = None  # an int, or "auto" (GPU only); default: no accumulation
+    device_eval_batch_size: int = 8
+    eval_interval: str = "1ep"
+    eval_first: bool = False
+    eval_subset_num_batches: int = -1
+    precision: str = "fp32"
+    fsdp_config: Optional[dict[str, Any]] = None
+    seed: int = 17
+    run_name: Optional[str] = None
+    save_folder: Optional[str] = None
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    autoresume: bool = False
+    load_path: Optional[str] = None  # a Composer checkpoint to resume from (all state)
+    load_weights_only: bool = False
+    demo_data: Optional[str] = None  # build llmhift's embedded demo corpus here when missing
+    progress_bar: bool = True
+    log_to_console: bool = True
+    console_log_interval: str = "10ba"
+    dist_timeout: float = 600.0
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+
+def _schema_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "config"
+    message = str(getattr(err, "msg", None) or err).splitlines()[0]
+    return ConfigError(f"{key}: {message}")
+
+
+def load_config(yaml_path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Reads the yaml, applies ``dotted.key=value`` overrides, resolves ``${variables.*}`` and
+    checks keys and types against :class:`TrainConfig`."""
+    yaml_path = Path(yaml_path)
+    if not yaml_path.is_file():
+        raise ConfigError(f"yaml: {yaml_path} does not exist")
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"overrides: expected dotted.key=value, got {bad[0]!r}")
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(TrainConfig),
+            OmegaConf.load(yaml_path),
+            OmegaConf.from_dotlist(list(overrides)),
+        )
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _schema_error(err) from None
+    assert isinstance(config, TrainConfig)
+    _check(config)
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """The same validation for a config built in Python (tests, notebooks)."""
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(values)))
+    except OmegaConfBaseException as err:
+        raise _schema_error(err) from None
+    _check(config)
+    return config
+
+
+def _check(config: TrainConfig) -> None:
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"precision: {config.precision!r} is not one of {PRECISIONS}")
+    if config.global_train_batch_size < 1:
+        raise ConfigError(f"global_train_batch_size: must be positive, got {config.global_train_batch_size}")
+    micro = config.device_train_microbatch_size
+    if micro is not None and micro != "auto" and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
+        raise ConfigError(f"device_train_microbatch_size: must be a positive int or 'auto', got {micro!r}")
+    if config.autoresume and not (config.save_folder and config.run_name):
+        raise ConfigError("autoresume: needs both save_folder and run_name (Composer finds the checkpoint by them)")
+    if not isinstance(config.model, dict) or "name" not in config.model:
+        raise ConfigError("model.name: missing; use 'llama' (llmhift's decoder) or 'hf_causal_lm'")
+
+
+def device_batch_sizes(config: TrainConfig, world_size: int, on_gpu: bool) -> tuple[int, int | str]:
+    """(per-rank batch, per-rank micro-batch) from the global batch; refuses what does not divide."""
+    global_batch = config.global_train_batch_size
+    if global_batch % world_size:
+        raise ConfigError(
+            f"global_train_batch_size: {global_batch} does not divide over {world_size} ranks; "
+            f"use a multiple of {world_size}"
+        )
+    device_batch = global_batch // world_size
+    micro = config.device_train_microbatch_size
+    if micro is None:
+        return device_batch, device_batch
+    if micro == "auto":
+        if not on_gpu:
+            raise ConfigError("device_train_microbatch_size: 'auto' needs a GPU; give an int on CPU")
+        return device_batch, micro
+    if device_batch % micro:
+        raise ConfigError(
+            f"device_train_microbatch_size: {micro} does not divide the per-rank batch {device_batch} "
+            f"(global_train_batch_size {global_batch} / {world_size} ranks)"
+        )
+    return device_batch, micro
+
