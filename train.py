@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from composer.utils import dist
 
 from llmhift.builders import (
     build_callbacks,
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.eval_first and int(trainer.state.timestamp.batch) == 0:
         trainer.eval()
     trainer.fit()
-    if config.save_folder:
+    if config.save_folder and dist.get_global_rank() == 0:
         print(f"checkpoint: {Path(config.save_folder) / 'latest-rank0.pt'}")
     return 0
 
