@@ -109,3 +109,23 @@ def test_missing_yaml_and_malformed_override(capsys):
     assert "nope.yaml does not exist" in capsys.readouterr().err
     assert train.main([DEMO_YAML, "max_duration"]) == 2
     assert "dotted.key=value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["hf_dir", "composer_pt"])
+def test_pretrained_weights_load_from_hf_or_composer(source, demo_root, tmp_path):
+    import transformers
+
+    from llmhift.builders import build_model
+    from llmhift.models.hf_adapter import hf_to_llmhift_state_dict
+    from llmhift.utils.composer_to_hf import save_hf_to_composer
+
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=352, tie_word_embeddings=True, max_position_embeddings=128))
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" if source == "hf_dir" else save_hf_to_composer(tmp_path / "hf", tmp_path / "model.pt")
+    model = build_model(load_config(DEMO_YAML, demo_overrides(demo_root, tmp_path / "ckpt", f"model.pretrained={path}")))
+    expected = hf_to_llmhift_state_dict(hf.state_dict(), tie_word_embeddings=True)
+    actual = model.state_dict()
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)
