@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import doctest
 import os
-import socket
 import warnings
 
 import pytest
@@ -155,9 +155,11 @@ def rank_batches(rank: int):
     return [make_batch(22, [1, 1, 1]), make_batch(23, [1], ignore_frac=0.0), make_batch(24, [1, 1])]
 
 
-def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _dist_worker(rank: int, world_size: int, out_dir: str) -> None:
+    # A file rendezvous: no port to pick, so no collision with another job's store on this machine.
+    store = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         built = domain_metrics(DIST_DOMAINS)
         for logits, targets, domain_idx in rank_batches(rank):
@@ -177,15 +179,9 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_give_the_single_process_value(tmp_path):
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     every_batch = rank_batches(0) + rank_batches(1)
     for domain, name in enumerate(DIST_DOMAINS):
