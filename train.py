@@ -13,10 +13,10 @@ from typing import Sequence
 
 import torch
 from composer.utils import dist
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmhift.builders import (
     build_callbacks,
-    build_llama_config,
     build_model,
     build_trainer,
     check_data,
@@ -24,6 +24,7 @@ from llmhift.builders import (
     check_tokenizer,
 )
 from llmhift.config import ConfigError, TrainConfig, load_config
+from llmhift.models.l0_module import count_params
 
 
 def _count(params) -> int:
@@ -39,18 +40,41 @@ def dry_run(config: TrainConfig) -> None:
             check(config)
         except ConfigError as err:
             print(f"note: {err} (a real run stops here)")
+    if config.model["name"] == "hf_causal_lm":
+        _print_hf_size(config)
+    else:
+        _print_llama_size(config)
+
+
+def _print_hf_size(config: TrainConfig) -> None:
+    folder = Path(config.model.get("pretrained") or "")
+    if not (folder / "config.json").is_file():
+        print(f"note: model.pretrained: {folder} holds no config.json, so the model's size is unknown "
+              "(a real run stops here)")
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+    total = _count(model.parameters())
+    print(f"model: hf_causal_lm {model.config.model_type}, {total:,} parameters ({total / 1e9:.3f}B)")
+
+
+def _print_llama_size(config: TrainConfig) -> None:
     without_weights = dataclasses.replace(config, model={k: v for k, v in config.model.items() if k != "pretrained"})
     with torch.device("meta"):
         model = build_model(without_weights)
-    total = _count(model.parameters())
-    print(f"model: {config.model['name']}, {total:,} parameters ({total / 1e9:.3f}B)")
-    if config.model["name"] == "llama":
-        llama = build_llama_config(config.model)
-        inner = model.model
-        embedding = inner.tok_embeddings.weight.numel() + (0 if inner.lm_head is None else inner.lm_head.weight.numel())
-        print(f"  non-embedding: {total - embedding:,}; embeddings and head: {embedding:,}")
-        print(f"  shape: d_model {llama.d_model}, heads {llama.n_heads} (kv {llama.n_kv_heads}, head_dim "
-              f"{llama.head_dim}), layers {llama.n_layers}, intermediate {llama.intermediate_size}, vocab {llama.vocab_size}")
+    llama, inner = model.config, model.model
+    total = _count(inner.parameters())
+    embedding = inner.tok_embeddings.weight.numel() + (0 if inner.lm_head is None else inner.lm_head.weight.numel())
+    print(f"model: llama, {total:,} parameters ({total / 1e9:.3f}B)")
+    print(f"  non-embedding: {total - embedding:,}; embeddings and head: {embedding:,}")
+    print(f"  shape: d_model {llama.d_model}, heads {llama.n_heads} (kv {llama.n_kv_heads}, head_dim "
+          f"{llama.head_dim}), layers {llama.n_layers}, intermediate {llama.intermediate_size}, vocab {llama.vocab_size}")
+    if model.mask_source is not None:
+        target = model.mask_source.target
+        source_count, target_count = count_params(llama), count_params(target)
+        print(f"pruning: source {source_count:,} ({source_count / 1e9:.2f}B) -> target {target_count:,} "
+              f"({target_count / 1e9:.2f}B): d_model {target.d_model}, heads {target.n_heads} "
+              f"(kv {target.n_kv_heads}), layers {target.n_layers}, intermediate {target.intermediate_size}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,15 +23,21 @@ from composer.optim import (
     DecoupledAdamW,
     LinearWithWarmupScheduler,
 )
-from composer.utils import dist
+from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
+from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmhift.callbacks.hift import HiFTCallback
+from llmhift.callbacks.pruning import PruningCallback
 from llmhift.config import ConfigError, LoaderConfig, TrainConfig, device_batch_sizes
 from llmhift.datasets.demo_data import ensure_demo_data
+from llmhift.datasets.instruction import InstructionDataset, check_instruction_dataset
+from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
 from llmhift.datasets.text import DataFolderError, MultiDomainTextDataset, find_domains, sequence_length
 from llmhift.models.hf_adapter import ConversionError, infer_llama_config
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
+from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import ComposerLlama, LlamaConfig
 from llmhift.utils.checkpoints import read_llama_weights
 
@@ -41,10 +47,12 @@ __all__ = [
     "ALGORITHMS",
     "on_gpu",
     "check_data",
+    "check_dynamic_loader",
     "build_callbacks",
     "build_loggers",
     "build_algorithms",
     "build_llama_config",
+    "build_l0_module",
     "build_model",
     "build_dataloader",
     "build_optimizer",
@@ -64,6 +72,9 @@ CALLBACKS: dict[str, Callable[..., Callback]] = {
     "memory_monitor": MemoryMonitor,
     "optimizer_monitor": OptimizerMonitor,
     "runtime_estimator": RuntimeEstimator,
+    "pruning": PruningCallback,
+    "data_loading": DynamicLoadingCallback,
+    "hift": HiFTCallback,
 }
 
 
@@ -139,9 +150,17 @@ def check_data(config: TrainConfig) -> dict[str, list[str]]:
         ensure_demo_data(config.demo_data)
     domains = {}
     for section, loader in _loader_sections(config):
-        if loader.name != "text":
-            raise ConfigError(f"{section}.name: {loader.name!r} is not a known loader; available: ['text']")
+        allowed = ["text", "dynamic", "instruction"] if section == "train_loader" else ["text", "instruction"]
+        if loader.name not in allowed:
+            raise ConfigError(f"{section}.name: {loader.name!r} is not a known loader here; available: {allowed}")
         dataset = loader.dataset
+        if loader.name == "instruction":
+            try:
+                check_instruction_dataset(dataset, build_demo=bool(config.demo_data))
+            except ValueError as err:
+                raise ConfigError(f"{section}.dataset.{err}") from None
+            domains[section] = []  # one stream of conversations: no per-domain metrics
+            continue
         if dataset.remote:
             if not dataset.domains:
                 raise ConfigError(f"{section}.dataset.domains: required with a remote (folders cannot be listed)")
@@ -156,6 +175,8 @@ def check_data(config: TrainConfig) -> dict[str, list[str]]:
             raise ConfigError(
                 f"{section}.dataset.max_seq_len: {dataset.max_seq_len}, but the shards hold {length}-token samples"
             )
+    if config.train_loader.name == "dynamic" or "data_loading" in config.callbacks:
+        check_dynamic_loader(config, domains["train_loader"])
     if config.eval_loader is not None and domains["eval_loader"] != domains["train_loader"]:
         raise ConfigError(
             f"eval_loader.dataset.domains: {domains['eval_loader']} differ from the train domains "
@@ -180,11 +201,29 @@ def check_tokenizer(config: TrainConfig) -> None:
 
 
 def build_llama_config(model_section: Mapping[str, Any]) -> LlamaConfig:
-    values = {k: v for k, v in model_section.items() if k not in ("name", "pretrained")}
+    values = {k: v for k, v in model_section.items() if k not in ("name", "pretrained", "l0_module")}
     try:
         return LlamaConfig.from_dict(values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {err}") from None
+
+
+def build_l0_module(config: TrainConfig) -> L0Module | None:
+    """The L0 masks of a pruning yaml (``model.l0_module``), checked against the rest of the run."""
+    section = config.model.get("l0_module")
+    if section is None:
+        return None
+    if config.model.get("name") != "llama":
+        raise ConfigError("model.l0_module: pruning needs model.name: llama")
+    if "pruning" not in config.callbacks:
+        raise ConfigError("model.l0_module: needs callbacks.pruning ({} is enough), which drives the masks")
+    if config.optimizer.lag_lr is None:
+        raise ConfigError("optimizer.lag_lr: required with model.l0_module (learning rate of the masks, e.g. 1.0)")
+    try:
+        return L0Module.from_dict(build_llama_config(config.model), {"seed": config.seed, **section})
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith("model.") else f"model.l0_module: {message}") from None
 
 
 def _load_pretrained_llama(model: ComposerLlama, path: str) -> None:
@@ -207,7 +246,8 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> C
     section = dict(config.model)
     name = section["name"]
     if name == "llama":
-        model = ComposerLlama(build_llama_config(section), eval_domains=eval_domains or ())
+        model = ComposerLlama(build_llama_config(section), mask_source=build_l0_module(config),
+                              eval_domains=eval_domains or ())
         if section.get("pretrained"):
             _load_pretrained_llama(model, section["pretrained"])
         return model
@@ -222,21 +262,67 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> C
     raise ConfigError(f"model.name: {name!r} is not one of {MODELS}")
 
 
+def check_dynamic_loader(config: TrainConfig, domains: list[str]) -> None:
+    """The dynamic stream is endless and applies changes a fixed number of batches ahead."""
+    loader = config.train_loader
+    if loader.name != "dynamic":
+        raise ConfigError("callbacks.data_loading: needs `train_loader.name: dynamic` (the text loader's mix is fixed)")
+    names = list((config.callbacks.get("data_loading") or {}).get("set_names") or domains)
+    unknown, unnamed = [d for d in names if d not in domains], [d for d in domains if d not in names]
+    if unknown or unnamed:
+        raise ConfigError(
+            f"callbacks.data_loading.set_names: {unknown} not in the train data, {unnamed} of the data not "
+            f"named; the train data holds {domains}"
+        )
+    if loader.dataset.proportion is not None:
+        try:
+            check_proportion(loader.dataset.proportion, domains)
+        except ValueError as err:
+            raise ConfigError(f"train_loader.dataset.{err}") from None
+    for key in ("max_duration", "eval_interval", "save_interval"):
+        if str(getattr(config, key)).strip().endswith("ep"):
+            raise ConfigError(f"{key}: the dynamic train loader has no epochs; give batches (e.g. 1000ba)")
+    in_flight = loader.num_workers * (loader.prefetch_factor or 2) if loader.num_workers else 0
+    if loader.dataset.lookahead_batches <= in_flight:
+        raise ConfigError(
+            f"train_loader.dataset.lookahead_batches: {loader.dataset.lookahead_batches} must exceed "
+            f"num_workers x prefetch_factor = {in_flight} (batches that may already be prefetched)"
+        )
+
+
 def build_dataloader(loader: LoaderConfig, domains: list[str], batch_size: int) -> DataLoader:
     dataset = loader.dataset
-    text = MultiDomainTextDataset(
-        local=dataset.local,
-        split=dataset.split,
-        domains=domains,
-        batch_size=batch_size,
-        remote=dataset.remote,
-        shuffle=dataset.shuffle,
-        shuffle_seed=dataset.shuffle_seed,
-    )
+    sampler = None
+    if loader.name == "instruction":
+        text = InstructionDataset(dataset.local, dataset.split, AutoTokenizer.from_pretrained(dataset.tokenizer),
+                                  dataset.max_seq_len, dataset.chat_template, dataset.packing)
+        sampler = dist.get_sampler(text, shuffle=dataset.shuffle, seed=dataset.shuffle_seed, drop_last=loader.drop_last)
+    elif loader.name == "dynamic":
+        text = DynamicStreamingDataset(
+            local=dataset.local,
+            split=dataset.split,
+            domains=domains,
+            batch_size=batch_size,
+            proportion=dataset.proportion,
+            remote=dataset.remote,
+            seed=dataset.shuffle_seed,
+            lookahead_batches=dataset.lookahead_batches,
+        )
+    else:
+        text = MultiDomainTextDataset(
+            local=dataset.local,
+            split=dataset.split,
+            domains=domains,
+            batch_size=batch_size,
+            remote=dataset.remote,
+            shuffle=dataset.shuffle,
+            shuffle_seed=dataset.shuffle_seed,
+        )
     workers = loader.num_workers
     return DataLoader(
         text,
         batch_size=batch_size,
+        sampler=sampler,
         drop_last=loader.drop_last,
         num_workers=workers,
         pin_memory=loader.pin_memory,
@@ -248,13 +334,29 @@ def build_dataloader(loader: LoaderConfig, domains: list[str], batch_size: int) 
 
 def build_optimizer(config: TrainConfig, model: ComposerModel) -> torch.optim.Optimizer:
     opt = config.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[Any] = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(getattr(model, "mask_source", None), L0Module):
+        params = _pruning_param_groups(model, opt.lag_lr)
     kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.name == "decoupled_adamw":
         return DecoupledAdamW(params, **kwargs)
     if opt.name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     raise ConfigError(f"optimizer.name: {opt.name!r} is not one of {OPTIMIZERS}")
+
+
+def _pruning_param_groups(model: ComposerModel, lag_lr: float) -> list[dict[str, Any]]:
+    """Model weights at ``lr``; mask log-alphas at ``lag_lr``; lambdas at ``-lag_lr`` (gradient ascent).
+    ``fixed_lr`` tells PruningCallback to hold a group at that rate whatever the LR schedule does."""
+    l0 = model.mask_source
+    lambdas = [*l0.lambda_1.values(), *l0.lambda_2.values()]
+    own = {id(p) for p in l0.parameters()}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    return [
+        {"params": weights},
+        {"params": list(l0.z_loga.values()), "lr": lag_lr, "fixed_lr": lag_lr, "weight_decay": 0.0},
+        {"params": lambdas, "lr": -lag_lr, "fixed_lr": -lag_lr, "weight_decay": 0.0},
+    ]
 
 
 def build_scheduler(config: TrainConfig) -> ComposerScheduler:
@@ -311,6 +413,7 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     check_optimization(config)
     if config.model["name"] == "llama":
         build_llama_config(config.model)
+        build_l0_module(config)
     elif config.model["name"] not in MODELS:
         raise ConfigError(f"model.name: {config.model['name']!r} is not one of {MODELS}")
     domains = check_data(config)
@@ -333,6 +436,7 @@ def build_trainer(config: TrainConfig) -> Trainer:
     if config.eval_loader is not None:
         eval_loader = build_dataloader(config.eval_loader, domains["eval_loader"], config.device_eval_batch_size)
         evaluators.append(Evaluator(label="eval", dataloader=eval_loader))
+    reproducibility.seed_all(config.seed)  # the initial weights (and L0 masks) follow the yaml's seed
     model = build_model(config, domains.get("eval_loader"))
     save_resolved_config(config)
     return Trainer(

@@ -46,6 +46,11 @@ class DatasetConfig:
     shuffle: bool = True
     shuffle_seed: int = 17
     max_seq_len: Optional[int] = None  # when given, must equal the shards' sequence length
+    proportion: Optional[list[float]] = None  # `dynamic` only: initial mix (default: domain sizes)
+    lookahead_batches: int = 32  # `dynamic` only: batches until a proportion change applies (> workers*prefetch)
+    tokenizer: Optional[str] = None  # `instruction` only: local tokenizer folder (reads <local>/<split>.jsonl)
+    chat_template: Optional[dict[str, str]] = None  # `instruction` only: role -> text around {content}
+    packing: bool = False  # `instruction` only: several conversations per row
 
 
 @dataclass
@@ -70,6 +75,7 @@ class TokenizerConfig:
 class OptimizerConfig:
     name: str = "decoupled_adamw"
     lr: float = 1e-4
+    lag_lr: Optional[float] = None  # pruning only: masks train at lag_lr, Lagrange multipliers at -lag_lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0

@@ -141,6 +141,14 @@ def llama_config_from_hf(hf_config: Mapping[str, Any]) -> LlamaConfig:
 def hf_config_from_llama(config: LlamaConfig, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """LlamaConfig -> an HF LlamaConfig dict. ``base`` (the source's own config.json, when known)
     keeps fields llmhift does not model, such as token ids, while the shapes come from ``config``."""
+    missing = {"attention": config.layers_without_attn, "MLP": config.layers_without_mlp}
+    for sublayer, layers in missing.items():
+        if layers:
+            raise ConversionError(
+                f"layers {layers} have no {sublayer} sublayer (pruned away entirely), which Hugging Face's "
+                "LlamaForCausalLM cannot express; keep training it with llmhift (ComposerLlama loads it), "
+                "or prune without head_layer/mlp in pruning_modules so every layer keeps both sublayers"
+            )
     hf = dict(base or {})
     hf.update(
         architectures=["LlamaForCausalLM"],
@@ -181,8 +189,15 @@ def infer_llama_config(
     layer_ids = {int(m.group(1)) for k in state_dict if (m := re.match(r"^model\.layers\.(\d+)\.", k))}
     if not layer_ids or layer_ids != set(range(max(layer_ids) + 1)):
         raise ConversionError(f"decoder layers are not numbered 0..L-1: found {sorted(layer_ids)}")
-    q_width = state_dict["model.layers.0.attn.wq.weight"].shape[0]
-    kv_width = state_dict["model.layers.0.attn.wk.weight"].shape[0]
+    # A layer may lack a sublayer that pruning removed; the shapes come from any layer that has it.
+    without_attn = sorted(i for i in layer_ids if f"model.layers.{i}.attn.wq.weight" not in state_dict)
+    without_mlp = sorted(i for i in layer_ids if f"model.layers.{i}.mlp.w_gate.weight" not in state_dict)
+    attn_layer = min(set(layer_ids) - set(without_attn), default=None)
+    mlp_layer = min(set(layer_ids) - set(without_mlp), default=None)
+    if attn_layer is None or mlp_layer is None:
+        raise ConversionError("no layer keeps an attention or no layer keeps an MLP: no shape to infer from")
+    q_width = state_dict[f"model.layers.{attn_layer}.attn.wq.weight"].shape[0]
+    kv_width = state_dict[f"model.layers.{attn_layer}.attn.wk.weight"].shape[0]
     head_dim = known.get("head_dim")
     if head_dim is None and known.get("n_heads"):
         head_dim = q_width // known["n_heads"]
@@ -199,8 +214,10 @@ def infer_llama_config(
         n_heads=q_width // head_dim,
         n_kv_heads=kv_width // head_dim,
         head_dim=head_dim,
-        intermediate_size=state_dict["model.layers.0.mlp.w_gate.weight"].shape[0],
+        intermediate_size=state_dict[f"model.layers.{mlp_layer}.mlp.w_gate.weight"].shape[0],
         tie_word_embeddings="model.lm_head.weight" not in state_dict,
+        layers_without_attn=without_attn,
+        layers_without_mlp=without_mlp,
     )
     for key, value in known.items():
         if key in inferred and inferred[key] != value:

@@ -40,6 +40,8 @@ class LlamaConfig:
     ``head_dim`` defaults to ``d_model // n_heads`` but is kept separate because pruning the hidden
     size leaves the head size alone (LLaMA-2-7B pruned to d_model 2560 keeps head_dim 128).
     ``rope_scaling`` takes the Hugging Face dict (``rope_type`` ``linear`` or ``llama3``).
+    ``layers_without_attn`` / ``layers_without_mlp`` list layers whose attention / MLP sublayer was
+    pruned away entirely (their residual branch is gone); Hugging Face's LLaMA cannot express them.
     """
 
     vocab_size: int = 32000
@@ -57,6 +59,8 @@ class LlamaConfig:
     attn_impl: str = "sdpa"
     activation_checkpointing: bool = False
     init_std: float = 0.02
+    layers_without_attn: list[int] = dataclasses.field(default_factory=list)
+    layers_without_mlp: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -79,6 +83,11 @@ class LlamaConfig:
         rope_type = self.rope_type
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}")
+        for key in ("layers_without_attn", "layers_without_mlp"):
+            layers = list(getattr(self, key))
+            if any(not 0 <= i < self.n_layers for i in layers) or len(set(layers)) != len(layers):
+                raise ValueError(f"{key}={layers} must list distinct layer indices in 0..{self.n_layers - 1}")
+            setattr(self, key, sorted(layers))
 
     @property
     def rope_type(self) -> str:
@@ -142,14 +151,12 @@ class RMSNorm(nn.Module):
         x = x.float()
         if hidden_mask is None:
             variance = x.pow(2).mean(-1, keepdim=True)
-        else:
-            # Pruned dimensions must not dilute the statistic: after physical pruning they are gone.
-            kept = (hidden_mask != 0).to(x.dtype)  # (d,)
-            variance = (x.pow(2) * kept).sum(-1, keepdim=True) / kept.sum().clamp(min=1)
-        out = self.weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
-        if hidden_mask is not None:
-            out = out * hidden_mask
-        return out
+            return self.weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
+        # Pruned dimensions must not dilute the statistic: after physical pruning they are gone.
+        kept = (hidden_mask != 0).to(x.dtype)  # (d,)
+        variance = (x.pow(2) @ kept).unsqueeze(-1) / kept.sum().clamp(min=1)  # (B, T, 1); a matvec, not a mask pass
+        weight = self.weight * hidden_mask.to(self.weight.dtype)  # the gate folds into the (d,) weight
+        return weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
 
 
 def _flash_attn_func():
@@ -182,6 +189,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         head_mask: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -191,9 +199,13 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         y = self._attend(q, k, v)  # (B, H, T, hd)
-        if head_mask is not None:
-            y = y * head_mask.view(1, self.n_heads, 1, 1).to(y.dtype)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
+        if head_mask is None and out_scale is None:
+            return self.wo(y)
+        # Masks scale wo's columns (heads) and rows (hidden, sublayer gate): a weight-sized product
+        # instead of activation-sized ones; the gradients reach the masks all the same.
+        column = None if head_mask is None else head_mask.repeat_interleave(self.head_dim)  # (H*hd,)
+        return F.linear(y, _scale_weight(self.wo.weight, out_scale, column))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         grouped = self.n_kv_heads != self.n_heads
@@ -227,22 +239,25 @@ class MLP(nn.Module):
         self.w_up = nn.Linear(config.d_model, config.intermediate_size, bias=False)
         self.w_down = nn.Linear(config.intermediate_size, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, intermediate_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, intermediate_mask: torch.Tensor | None = None, out_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = F.silu(self.w_gate(x)) * self.w_up(x)  # (B, T, I)
-        if intermediate_mask is not None:
-            h = h * intermediate_mask.to(h.dtype)
-        return self.w_down(h)
+        if intermediate_mask is None and out_scale is None:
+            return self.w_down(h)
+        return F.linear(h, _scale_weight(self.w_down.weight, out_scale, intermediate_mask))
 
 
 class Block(nn.Module):
     """One decoder layer: pre-norm attention then pre-norm MLP, each added to the residual stream."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, has_attn: bool = True, has_mlp: bool = True) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.attn = Attention(config)
-        self.mlp_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        # A sublayer pruned away entirely has no weights; its residual branch adds nothing.
+        self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps) if has_attn else None
+        self.attn = Attention(config) if has_attn else None
+        self.mlp_norm = RMSNorm(config.d_model, config.rms_norm_eps) if has_mlp else None
+        self.mlp = MLP(config) if has_mlp else None
 
     def forward(
         self,
@@ -252,20 +267,39 @@ class Block(nn.Module):
         masks: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if masks is None:
-            x = x + self.attn(self.attn_norm(x), cos, sin)
-            return x + self.mlp(self.mlp_norm(x))
+            if self.attn is not None:
+                x = x + self.attn(self.attn_norm(x), cos, sin)
+            if self.mlp is not None:
+                x = x + self.mlp(self.mlp_norm(x))
+            return x
         hidden = masks.get("hidden")
-        attn_out = self.attn(self.attn_norm(x, hidden), cos, sin, masks.get("head"))
-        x = x + _scale(attn_out, masks.get("head_layer"), hidden)
-        mlp_out = self.mlp(self.mlp_norm(x, hidden), masks.get("intermediate"))
-        return x + _scale(mlp_out, masks.get("mlp"), hidden)
+        if self.attn is not None:
+            scale = _product(masks.get("head_layer"), hidden)
+            x = x + self.attn(self.attn_norm(x, hidden), cos, sin, masks.get("head"), scale)
+        if self.mlp is not None:
+            scale = _product(masks.get("mlp"), hidden)
+            x = x + self.mlp(self.mlp_norm(x, hidden), masks.get("intermediate"), scale)
+        return x
 
 
-def _scale(x: torch.Tensor, *factors: torch.Tensor | None) -> torch.Tensor:
-    for factor in factors:
-        if factor is not None:
-            x = x * factor.to(x.dtype)
-    return x
+def _product(*factors: torch.Tensor | None) -> torch.Tensor | None:
+    """The product of the given gates (scalars and (d,) vectors), or None when there are none."""
+    present = [f for f in factors if f is not None]
+    if not present:
+        return None
+    out = present[0]
+    for factor in present[1:]:
+        out = out * factor
+    return out
+
+
+def _scale_weight(weight: torch.Tensor, rows: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor:
+    """weight (out, in) scaled per output row (a scalar or (out,)) and per input column ((in,))."""
+    if rows is not None:
+        weight = weight * (rows.to(weight.dtype)[:, None] if rows.dim() else rows.to(weight.dtype))
+    if columns is not None:
+        weight = weight * columns.to(weight.dtype)[None, :]
+    return weight
 
 
 def _layer_masks(masks: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
@@ -294,7 +328,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            Block(config, i not in config.layers_without_attn, i not in config.layers_without_mlp)
+            for i in range(config.n_layers)
+        )
         self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.lm_head = None
         if not config.tie_word_embeddings:

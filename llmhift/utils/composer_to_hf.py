@@ -95,11 +95,18 @@ def load_llama_checkpoint(
     meta = dict(checkpoint.get(LLMHIFT_KEY, {}))
     run_config = run_config_beside(path)
     if "model_config" not in meta and run_config.get("model", {}).get("name") == "llama":
-        meta["model_config"] = {k: v for k, v in run_config["model"].items() if k not in ("name", "pretrained")}
+        meta["model_config"] = {
+            k: v for k, v in run_config["model"].items() if k not in ("name", "pretrained", "l0_module")
+        }
     tokenizer_dir = Path((run_config.get("tokenizer") or {}).get("name") or "")
     if "tokenizer_files" not in meta and tokenizer_dir.name and tokenizer_dir.is_dir():
         meta["tokenizer_files"] = _tokenizer_files(tokenizer_dir)
     weights = model_state_dict(checkpoint)
+    if any(k.startswith("mask_source.") for k in weights):
+        raise ConversionError(
+            f"{path} is a pruning checkpoint that still holds its L0 masks; make the small dense model first: "
+            f"python -m llmhift.utils.post_pruning_processing prune_and_save_model {path}"
+        )
     known = {**meta.get("model_config", {}), **(overrides or {})}
     return infer_llama_config(weights, known), weights, meta
 

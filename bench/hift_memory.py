@@ -1,0 +1,110 @@
+"""Peak memory and step time of HiFT vs full fine-tuning (AdamW) of the same model, side by side; prints JSON.
+
+    python bench/hift_memory.py [--layers 12] [--d-model 256] [--steps 20]
+
+Each setting runs in its own fresh process (peak RSS is a per-process high-water mark) with the same
+model, data and seed. Reported per setting:
+
+- ``peak_rss_mb``: the process's peak resident memory above what it held right before the model was
+  built (weights, gradients, optimizer state wherever it lives, activations).
+- ``peak_optimizer_state_mb``: the largest amount of optimizer state held in ``optimizer.state`` at
+  any step, by tensor accounting: on a GPU this is what sits on the accelerator (HiFT parks the rest
+  in host memory, which on a CPU machine is the same memory, so it still counts in ``peak_rss_mb``).
+- ``step_s``: median wall time of a training step after the first cycle.
+Ratios are HiFT / full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "full_adamw": None,
+    "hift_keep": {"optimizer_state": "keep"},
+    "hift_reset": {"optimizer_state": "reset"},
+    "hift_keep_bf16_weights": {"optimizer_state": "keep", "param_dtype": "bfloat16"},
+}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def run_one(name: str, layers: int, d_model: int, steps: int) -> dict:
+    import torch
+    from composer import Callback, Trainer
+    from torch.utils.data import DataLoader
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from llmhift.callbacks.hift import HiFTCallback
+    from llmhift.models.llama import ComposerLlama
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    baseline = _rss_mb()
+    model = ComposerLlama(dict(vocab_size=2048, d_model=d_model, n_layers=layers, n_heads=8,
+                               intermediate_size=int(d_model * 8 / 3) // 64 * 64, max_seq_len=128))
+    data = [{"input_ids": torch.randint(2048, (128,))} for _ in range(64)]
+
+    class Measure(Callback):
+        def __init__(self) -> None:
+            self.times, self.state_bytes = [], 0
+
+        def batch_start(self, state, logger) -> None:
+            self.start = time.perf_counter()
+
+        def batch_end(self, state, logger) -> None:
+            self.times.append(time.perf_counter() - self.start)
+            held = sum(t.numel() * t.element_size() for s in state.optimizers[0].state.values()
+                       for t in s.values() if torch.is_tensor(t))
+            self.state_bytes = max(self.state_bytes, held)
+
+    measure = Measure()
+    callbacks = [measure] if SETTINGS[name] is None else [HiFTCallback(**SETTINGS[name]), measure]
+    trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=4),
+                      optimizers=torch.optim.AdamW(model.parameters(), lr=1e-4), max_duration=f"{steps}ba",
+                      device="cpu", precision="fp32", callbacks=callbacks, progress_bar=False, log_to_console=False)
+    trainer.fit()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    warm = measure.times[layers + 3:] or measure.times
+    return {"peak_rss_mb": round(peak - baseline, 1), "peak_optimizer_state_mb": round(measure.state_bytes / 2**20, 1),
+            "step_s": round(statistics.median(warm), 4), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting in this process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.layers, args.d_model, args.steps)))
+        return
+    results = {}
+    for name in SETTINGS:
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--layers", str(args.layers), "--d-model",
+                              str(args.d_model), "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    full = results["full_adamw"]
+    ratios = {name: {"peak_rss": round(r["peak_rss_mb"] / full["peak_rss_mb"], 3),
+                     "peak_optimizer_state": round(r["peak_optimizer_state_mb"] / full["peak_optimizer_state_mb"], 3),
+                     "step_time": round(r["step_s"] / full["step_s"], 3)}
+              for name, r in results.items() if name != "full_adamw"}
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(json.dumps({"device": device, "layers": args.layers, "d_model": args.d_model, "results": results,
+                      "ratio_vs_full": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""HiFT: hierarchical full-parameter fine-tuning, one group of layers trained per optimizer step."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from composer import Algorithm, Callback, Event, State
+from composer.loggers import Logger
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = ["HiFTCallback"]
+
+STRATEGIES = ("down2up", "up2down", "random")
+STATE_MODES = ("keep", "reset")
+PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _FindUnusedParameters(Algorithm):
+    """Composer builds DDP with ``find_unused_parameters`` only when an Algorithm asks for it; inactive
+    groups produce no gradient, so HiFT must ask (a callback cannot)."""
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        return True
+
+    def match(self, event: Event, state: State) -> bool:
+        return False
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        del event, state, logger  # never matched
+
+
+class HiFTCallback(Callback):
+    """Trains one group of units per optimizer step, cycling over the model; only the active group's
+    optimizer state (and fp32 master weights) sits on the accelerator.
+
+    Units are found from the module structure, not from parameter names: the input embedding (with a
+    tied LM head and any other embedding table), each block of the model's largest ``nn.ModuleList``,
+    the rest after the blocks (the final norm), and the LM head (a ``Linear`` with vocabulary outputs).
+    Only parameters that require grad when the Trainer is built count, so a ``peft`` model cycles over
+    its adapters; empty units are dropped. Consecutive units form groups of ``group_element``; a cycle
+    visits each of the C groups once, switching at ``BATCH_START`` so that every micro-batch of a step
+    trains the same group. Every step of cycle k uses the learning rate the Trainer's schedule gives at
+    batch ``k * C``: the schedule keeps meaning ``max_duration`` (not stretched C times). Inactive
+    groups' optimizer state moves to (pinned) CPU memory and back; on CUDA the next group's copy runs on
+    a side stream while the current step computes.
+
+    Args:
+        group_element (int): units per group. Default: ``1``.
+        strategy (str): ``down2up`` (embedding first), ``up2down``, or ``random`` (a new seeded
+            permutation of the groups every cycle). Default: ``'down2up'``.
+        freeze_layers (Sequence[int]): unit indices never trained (negative counts from the head).
+            Default: ``()``.
+        always_active (Sequence[int]): unit indices trained at every step, outside the cycle (LISA keeps
+            embedding and head: ``[0, -1]``). Default: ``()``.
+        optimizer_state (str): ``keep`` (HiFT: a group's state persists across cycles, parked on the
+            CPU) or ``reset`` (BAdam: fresh state at every switch). Default: ``'keep'``.
+        param_dtype (str, optional): store the weights as ``bfloat16`` or ``float16`` and keep an fp32
+            master copy for the active group only, swapped in for the optimizer step. Default: ``None``.
+        seed (int): seed of the ``random`` strategy. Default: ``17``.
+
+    Example:
+        >>> trainer = Trainer(model=model, optimizers=DecoupledAdamW(model.parameters(), lr=2e-5),
+        ...                   callbacks=[HiFTCallback(group_element=2, strategy="random")], ...)
+
+    FSDP: FSDP1 needs ``use_orig_params: true`` (flat parameters cannot mix frozen and trainable
+    tensors); FSDP2 shards per parameter and works as is; ``param_dtype`` is for single-process or DDP.
+
+    +---------------------+--------------------------------------------------+
+    | Key                 | Logged value                                     |
+    +=====================+==================================================+
+    | ``hift/active_group`` | index of the group trained at this step        |
+    | ``hift/cycle``      | completed cycles before this step                |
+    | ``hift/lr``         | learning rate of the first param group this step |
+    +---------------------+--------------------------------------------------+
+    """
+
+    def __init__(
+        self,
+        group_element: int = 1,
+        strategy: str = "down2up",
+        freeze_layers: Sequence[int] = (),
+        always_active: Sequence[int] = (),
+        optimizer_state: str = "keep",
+        param_dtype: Optional[str] = None,
+        seed: int = 17,
+    ) -> None:
+        if not isinstance(group_element, int) or group_element < 1:
+            raise ValueError(f"group_element: must be a positive int, got {group_element!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
+        if optimizer_state not in STATE_MODES:
+            raise ValueError(f"optimizer_state: {optimizer_state!r} is not one of {STATE_MODES}")
+        if param_dtype is not None and param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype: {param_dtype!r} is not one of {sorted(PARAM_DTYPES)} (or null)")
+        self.group_element, self.strategy, self.seed = group_element, strategy, seed
+        self.freeze_layers, self.always_active = list(freeze_layers), list(always_active)
+        self.optimizer_state, self.param_dtype = optimizer_state, param_dtype
+        self.units: list[tuple[str, list[str]]] = []  # (unit name, parameter names), bottom to top
+        self.groups: list[list[int]] = []  # unit indices of each group, bottom to top
+        self._params: dict[str, nn.Parameter] = {}
+        self._cycled: set[str] = set()  # every unit parameter not in freeze_layers
+        self._always: list[int] = []
+        self._active: Optional[set[str]] = None  # parameter names trained now
+        self._parked: dict[str, dict[str, Any]] = {}  # inactive parameters' optimizer state, on the CPU
+        self._prefetched: dict[str, dict[str, Any]] = {}  # next group's state, already on its way back
+        self._master: dict[str, torch.Tensor] = {}  # fp32 weights of the active group (param_dtype)
+        self._swapped = False
+        self._stream: Optional[torch.cuda.Stream] = None
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+
+    @staticmethod
+    def find_units(model: nn.Module) -> list[tuple[str, list[str]]]:
+        """The model's units, bottom to top, as (unit name, names of its trainable parameters)."""
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+        if not lists:
+            raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks; HiFT cannot find its layers")
+        blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+        unit_of = {id(p): f"block.{i}" for i, block in enumerate(blocks) for p in block.parameters()}
+        embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        vocab = embeddings[0].num_embeddings if embeddings else -1
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if id(p) in unit_of:
+                    continue
+                if isinstance(module, nn.Embedding):
+                    unit_of[id(p)] = "embedding"
+                elif isinstance(module, nn.Linear) and module.out_features == vocab:
+                    unit_of[id(p)] = "head"
+        order = ["embedding", *(f"block.{i}" for i in range(len(blocks))), "norm", "head"]
+        members: dict[str, list[str]] = {name: [] for name in order}
+        for name, p in model.named_parameters():  # a tied head appears once, under the embedding
+            if p.requires_grad:
+                members[unit_of.get(id(p), "norm")].append(name)
+        return [(name, members[name]) for name in order if members[name]]
+
+    # --- schedule -------------------------------------------------------------------------------
+    def order(self, cycle: int) -> list[int]:
+        """Group indices in the order cycle ``cycle`` visits them."""
+        n = len(self.groups)
+        if self.strategy == "down2up":
+            return list(range(n))
+        if self.strategy == "up2down":
+            return list(range(n - 1, -1, -1))
+        generator = torch.Generator().manual_seed(self.seed + cycle)  # a pure function of the cycle
+        return torch.randperm(n, generator=generator).tolist()
+
+    def group_at(self, step: int) -> int:
+        cycle, position = divmod(step, len(self.groups))
+        return self.order(cycle)[position]
+
+    def _names(self, group: int) -> set[str]:
+        units = self.groups[group] + self._always
+        return {name for u in units for name in self.units[u][1]}
+
+    def _indices(self, key: str, values: Sequence[int]) -> list[int]:
+        n = len(self.units)
+        bad = [v for v in values if not -n <= v < n]
+        if bad:
+            raise ValueError(f"{key}: unit indices {bad} are out of range for {n} units {[u for u, _ in self.units]}")
+        return sorted({v % n for v in values})
+
+    # --- events ---------------------------------------------------------------------------------
+    def init(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        if not any(isinstance(a, _FindUnusedParameters) for a in state.algorithms):
+            state.algorithms.append(_FindUnusedParameters())  # read by the Trainer after INIT, before DDP
+        model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
+        self.units = self.find_units(model)
+        self._params = dict(model.named_parameters())
+        frozen = self._indices("freeze_layers", self.freeze_layers)
+        self._always = self._indices("always_active", self.always_active)
+        if set(frozen) & set(self._always):
+            raise ValueError(f"freeze_layers and always_active: both name units {sorted(set(frozen) & set(self._always))}")
+        cycled = [u for u in range(len(self.units)) if u not in frozen and u not in self._always]
+        if not cycled:
+            raise ValueError("freeze_layers/always_active: leave no unit to cycle over")
+        self.groups = [cycled[i : i + self.group_element] for i in range(0, len(cycled), self.group_element)]
+        self._cycled = {name for u, (_, names) in enumerate(self.units) if u not in frozen for name in names}
+        for u in frozen:
+            for name in self.units[u][1]:
+                self._params[name].requires_grad_(False)
+        if self.param_dtype is not None:
+            for _, names in self.units:
+                for name in names:
+                    self._params[name].data = self._params[name].data.to(PARAM_DTYPES[self.param_dtype])
+
+    def before_load(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        # Loading an optimizer checkpoint first takes a zero-gradient step over every parameter that
+        # requires grad (torch's _init_optim_state): full-model state, the memory HiFT exists to avoid.
+        self._set_trainable(set())
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        # DDP, built next, registers gradient hooks only for parameters that require grad now.
+        self._set_trainable(self._cycled)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        if len(state.optimizers) != 1:
+            raise ValueError(f"optimizers: HiFT drives one optimizer, got {len(state.optimizers)}")
+        in_optimizer = {id(p) for g in state.optimizers[0].param_groups for p in g["params"]}
+        missing = sorted(n for n in self._cycled if id(self._params[n]) not in in_optimizer)
+        if missing:
+            raise ValueError(f"optimizer: HiFT needs every trainable parameter in it; missing {missing[:3]}...")
+        if any(not isinstance(s, LambdaLR) for s in state.schedulers):
+            raise ValueError("schedulers: HiFT holds the rate per cycle for Composer schedulers only")
+        self._optimizer = state.optimizers[0]
+        if state.device.name == "gpu":
+            self._stream = torch.cuda.Stream()
+        self._active = None  # whatever holds optimizer state now is parked, the step's group restored
+        self._switch(state, int(state.timestamp.batch))
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        step = int(state.timestamp.batch)
+        self._switch(state, step)
+        self._hold_lr(state, step)
+        self._prefetch(state, self._names(self.group_at(step + 1)) - self._active)
+        logger.log_metrics({
+            "hift/active_group": self.group_at(step),
+            "hift/cycle": step // len(self.groups),
+            "hift/lr": state.optimizers[0].param_groups[0]["lr"],
+        })
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        del state, logger  # unused
+        if self.param_dtype is None:
+            return
+        # Gradients are ready, the update is next: it runs on the fp32 master with an fp32 gradient.
+        for name, master in self._master.items():
+            p = self._params[name]
+            if p.grad is not None:
+                grad = p.grad.to(master.dtype)
+                p.data = master
+                p.grad = grad
+        self._swapped = True
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        if self._swapped:
+            for name, master in self._master.items():
+                self._params[name].data = master.to(PARAM_DTYPES[self.param_dtype])
+            self._swapped = False
+        self._hold_lr(state, int(state.timestamp.batch))  # so that LRMonitor logs the rate of the next step
+
+    # --- moving optimizer state -------------------------------------------------------------------
+    def _set_trainable(self, names: set[str]) -> None:
+        for _, unit in self.units:
+            for name in unit:
+                self._params[name].requires_grad_(name in names)
+
+    def _switch(self, state: State, step: int) -> None:
+        new = self._names(self.group_at(step))
+        if new == self._active:
+            return
+        optimizer = state.optimizers[0]
+        old = self._active if self._active is not None else self._cycled
+        moving = self._stream is not None
+        if moving:
+            self._stream.wait_stream(torch.cuda.current_stream())  # the last update must be complete
+        for name in sorted(old - new):
+            p = self._params[name]
+            p.requires_grad_(False)
+            p.grad = None
+            self._master.pop(name, None)
+            parked = optimizer.state.pop(p, None)
+            if parked and self.optimizer_state == "keep":
+                self._parked[name] = self._to_host(name, parked, p)
+        for name in sorted(new - (self._active or set())):
+            p = self._params[name]
+            p.requires_grad_(True)
+            restored = self._prefetched.pop(name, None) or self._to_device(self._parked.get(name), p)
+            self._parked.pop(name, None)
+            if restored:
+                optimizer.state[p] = restored
+            if self.param_dtype is not None and name not in self._master:
+                self._master[name] = p.data.float()
+        if moving:
+            torch.cuda.current_stream().wait_stream(self._stream)
+        self._active = new
+
+    def _prefetch(self, state: State, names: set[str]) -> None:
+        if self._stream is None:
+            return  # on the CPU "parked" and "active" state share one memory: nothing to overlap
+        for name in sorted(names):
+            if name in self._parked and name not in self._prefetched:
+                self._prefetched[name] = self._to_device(self._parked[name], self._params[name])
+
+    def _to_host(self, name: str, tensors: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        """Parameter-shaped state (Adam's moments) moves; scalars such as ``step`` stay where they are."""
+        if self._stream is None or p.device.type != "cuda":
+            return tensors
+        host = {}
+        with torch.cuda.stream(self._stream):
+            for key, value in tensors.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.is_cuda:
+                    buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                    buffer.copy_(value, non_blocking=True)
+                    value.record_stream(self._stream)  # freed only once the copy has run
+                    value = buffer
+                host[key] = value
+        return host
+
+    def _to_device(self, tensors: Optional[dict[str, Any]], p: torch.Tensor) -> Optional[dict[str, Any]]:
+        if not tensors or self._stream is None or p.device.type != "cuda":
+            return tensors
+        restored = {}
+        with torch.cuda.stream(self._stream):
+            for key, value in tensors.items():
+                if torch.is_tensor(value) and value.shape == p.shape and not value.is_cuda:
+                    value = value.to(p.device, non_blocking=True)
+                    value.record_stream(torch.cuda.current_stream(p.device))
+                restored[key] = value
+        return restored
+
+    def _hold_lr(self, state: State, step: int) -> None:
+        start = (step // len(self.groups)) * len(self.groups)  # the cycle's first step
+        now = state.timestamp
+        batches = max(int(now.batch), 1)
+        # Composer's schedulers read state.timestamp; show them the cycle's first batch for a moment.
+        state.timestamp = now.copy(
+            batch=start, sample=int(now.sample) * start // batches, token=int(now.token) * start // batches
+        )
+        try:
+            for scheduler in state.schedulers:
+                factors = [fn(start) for fn in scheduler.lr_lambdas]
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, factors):
+                    group["lr"] = base * factor
+        finally:
+            state.timestamp = now
+
+    # --- checkpoint -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # The active group's state too: Composer's optimizer checkpoint skips parameters that do not
+        # require grad when it loads, and before_load turns them all off.
+        active = {}
+        if self._optimizer is not None:
+            names = {id(p): n for n, p in self._params.items()}
+            active = {names[id(p)]: dict(s) for p, s in self._optimizer.state.items() if id(p) in names}
+        return {
+            "units": [name for name, _ in self.units],
+            "groups": self.groups,
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "optimizer_state": {**{name: dict(s) for name, s in self._parked.items()}, **active},
+            "master": {name: m.detach().cpu() for name, m in self._master.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        here = {"units": [name for name, _ in self.units], "groups": self.groups, "strategy": self.strategy,
+                "seed": self.seed}
+        for key, value in here.items():
+            if state[key] != value:
+                raise ValueError(f"callbacks.hift.{key}: the checkpoint has {state[key]!r}, this run {value!r}")
+        self._parked = {name: dict(s) for name, s in state["optimizer_state"].items()}
+        self._master = {name: m.to(self._params[name].device) for name, m in state["master"].items()}

@@ -1,0 +1,121 @@
+"""PruningCallback: drives an L0Module's schedule and Lagrangian inside a vanilla Composer fit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from composer import Callback, Logger, State
+
+from llmhift.models.l0_module import L0Module
+
+__all__ = ["PruningCallback"]
+
+
+def _l0_module(state: State) -> L0Module:
+    model = state.model.module if hasattr(state.model, "module") else state.model  # DDP wraps it
+    l0 = getattr(model, "mask_source", None)
+    if not isinstance(l0, L0Module):
+        raise ValueError(
+            "callbacks.pruning: the model has no L0Module; add model.l0_module: {pruning_modules: [...], "
+            "target_model: {...}} to the yaml (or pass mask_source=L0Module(...) to ComposerLlama)"
+        )
+    return l0
+
+
+def _hold_fixed_lrs(state: State) -> None:
+    """Undoes the LR schedule on groups marked ``fixed_lr`` (Composer scales every group alike)."""
+    for optimizer in state.optimizers:
+        for group in optimizer.param_groups:
+            if "fixed_lr" in group:
+                group["lr"] = group["fixed_lr"]
+
+
+class PruningCallback(Callback):
+    """Targeted structured pruning (Sheared-LLaMA) with the model's :class:`L0Module`.
+
+    At each batch start it hands the step to the L0 module (which warms the target sparsities up
+    from it) and holds the mask and lambda optimizer groups at their fixed learning rates (``lag_lr``
+    and ``-lag_lr``; the LR schedule scales only the model's groups). After each loss it adds the
+    Lagrangian penalty, so the masks move toward the target and the lambdas, trained by gradient
+    ascent, tighten the constraint. After each optimizer step the log-alphas are clamped into range.
+    Evaluation uses the L0 module's deterministic masks (``eval_target_model`` picks the exact target).
+    Masks and lambdas are model parameters, checkpointed with it; the step is this callback's state.
+
+    Args:
+        log_interval (int): log the pruning metrics every this many batches. Default: ``1``.
+
+    Example:
+        >>> from composer import Trainer
+        >>> l0 = L0Module(config, {"n_heads": 2, "n_layers": 3}, ["head", "layer"])
+        >>> trainer = Trainer(model=ComposerLlama(config, mask_source=l0), optimizers=pruning_optimizer,
+        ...                   train_dataloader=loader, callbacks=[PruningCallback()])  # doctest: +SKIP
+
+    +---------------------------------------------+---------------------------------------------------+
+    | Key                                         | Logged value                                      |
+    +=============================================+===================================================+
+    | ``pruning/expected_sparsity/<mask>``        | expected fraction of zero gates (mean over rows)  |
+    | ``pruning/target_sparsity/<mask>``          | the warmed-up target at this step                 |
+    | ``pruning/lambda_1/<mask>``                 | linear Lagrange multiplier                        |
+    | ``pruning/lambda_2/<mask>``                 | quadratic Lagrange multiplier                     |
+    | ``pruning/lagrangian_loss``                 | the penalty added to the LM loss                  |
+    | ``pruning/expected_params``                 | expected non-embedding parameters                 |
+    | ``pruning/target_params``                   | non-embedding parameters of the target shape      |
+    | ``pruning/shape/<field>``                   | d_model, n_heads, n_kv_heads, n_layers,           |
+    |                                             | intermediate_size of the current deterministic    |
+    |                                             | masks                                             |
+    +---------------------------------------------+---------------------------------------------------+
+    The loss is logged as ``loss/train/lm``, ``loss/train/lagrangian`` and ``loss/train/total``.
+    """
+
+    def __init__(self, log_interval: int = 1) -> None:
+        if not isinstance(log_interval, int) or log_interval < 1:
+            raise ValueError(f"callbacks.pruning.log_interval: must be a positive int, got {log_interval!r}")
+        self.log_interval = log_interval
+        self.step = 0
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        _l0_module(state).set_step(self.step)
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        self.step = int(state.timestamp.batch)
+        _l0_module(state).set_step(self.step)
+        _hold_fixed_lrs(state)
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        penalty = _l0_module(state).lagrangian()
+        lm = state.loss["total"] if isinstance(state.loss, dict) else state.loss
+        state.loss = {"lm": lm, "lagrangian": penalty, "total": lm + penalty}
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        _hold_fixed_lrs(state)  # again after scheduler.step, so LR monitors log the rate really used
+        l0 = _l0_module(state)
+        l0.constrain_parameters()
+        if int(state.timestamp.batch) % self.log_interval == 0:
+            logger.log_metrics(self.metrics(l0))
+
+    @staticmethod
+    def metrics(l0: L0Module) -> dict[str, float]:
+        """Everything the table above lists, as plain floats."""
+        with torch.no_grad():
+            values: dict[str, float] = {}
+            for name in l0.masks:
+                values[f"pruning/expected_sparsity/{name}"] = l0.expected_sparsity(name).mean().item()
+                values[f"pruning/target_sparsity/{name}"] = l0.target_sparsity(name)
+                values[f"pruning/lambda_1/{name}"] = l0.lambda_1[name].item()
+                values[f"pruning/lambda_2/{name}"] = l0.lambda_2[name].item()
+            values["pruning/lagrangian_loss"] = l0.lagrangian().item()
+            values["pruning/expected_params"] = l0.expected_params().item()
+            values["pruning/target_params"] = float(l0.non_embedding_params(l0.target))
+            for key, size in l0.current_shape().items():
+                values[f"pruning/shape/{key}"] = float(size)
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])

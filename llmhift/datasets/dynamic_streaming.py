@@ -1,0 +1,338 @@
+"""A multi-domain MDS dataset whose domain proportions can change during training, reproducibly."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from bisect import bisect_right
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from streaming.base.compression import decompress
+from streaming.base.format import reader_from_json
+from streaming.base.storage.download import CloudDownloader
+from torch.utils.data import IterableDataset, get_worker_info
+
+__all__ = ["DynamicStreamingDataset", "check_proportion"]
+
+_BLOCK = 4096  # global samples per seeded block of domain draws (any fixed size works; it is part of the seed)
+_DRAW_STREAM, _SHUFFLE_STREAM = 0, 1  # keep the two random streams of one seed apart
+
+
+def check_proportion(proportion: Sequence[float], domains: Sequence[str], what: str = "proportion") -> list[float]:
+    """``proportion`` as floats, or a ValueError naming ``what``: one non-negative value per domain, sum 1."""
+    values = [float(p) for p in proportion]
+    if len(values) != len(domains):
+        raise ValueError(f"{what}: {len(values)} values for {len(domains)} domains {list(domains)}")
+    if any(not np.isfinite(p) or p < 0 for p in values):
+        raise ValueError(f"{what}: values must be finite and non-negative, got {values}")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"{what}: values must sum to 1, got {values} (sum {sum(values):.6g})")
+    return values
+
+
+def _fetch(remote: str, local: Path) -> None:
+    """Copies ``remote`` to ``local`` with streaming's downloaders unless it is there; atomic, so
+    concurrent workers and ranks may race on the same file and a crash leaves no half file."""
+    if local.is_file():
+        return
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+    downloader = CloudDownloader.get(remote)
+    try:
+        downloader.download(remote, str(tmp))
+        os.replace(tmp, local)
+    finally:
+        downloader.clean_up()
+        tmp.unlink(missing_ok=True)
+
+
+class _Domain:
+    """One domain's MDS folder: shard readers over ``local``, shards fetched from ``remote`` on first use."""
+
+    def __init__(self, local: Path, remote: str | None) -> None:
+        self.local, self.remote = local, remote
+        if remote:
+            _fetch(f"{remote}/index.json", local / "index.json")
+        if not (local / "index.json").is_file():
+            raise FileNotFoundError(f"{local / 'index.json'} does not exist and no remote was given")
+        shards = json.loads((local / "index.json").read_text())["shards"]
+        self.readers = [reader_from_json(str(local), None, shard) for shard in shards]
+        self.ends = np.cumsum([reader.samples for reader in self.readers])  # (shards,) sample id bounds
+        self.size = int(self.ends[-1]) if len(self.ends) else 0
+        self._ready: set[int] = set()
+
+    def _prepare(self, s: int) -> None:
+        reader = self.readers[s]
+        for raw, zipped in reader.file_pairs:
+            raw_path = self.local / raw.basename
+            if raw_path.is_file():
+                continue
+            if self.remote is None:
+                raise FileNotFoundError(f"{raw_path} is missing and no remote was given")
+            if zipped is None:
+                _fetch(f"{self.remote}/{raw.basename}", raw_path)
+                continue
+            zip_path = self.local / zipped.basename
+            _fetch(f"{self.remote}/{zipped.basename}", zip_path)
+            tmp = raw_path.with_name(f".{raw.basename}.{os.getpid()}-{secrets.token_hex(4)}.part")
+            tmp.write_bytes(decompress(reader.compression, zip_path.read_bytes()))
+            os.replace(tmp, raw_path)
+        self._ready.add(s)
+
+    def get(self, sample_id: int) -> dict[str, Any]:
+        s = int(np.searchsorted(self.ends, sample_id, side="right"))
+        if s not in self._ready:
+            self._prepare(s)
+        start = int(self.ends[s - 1]) if s else 0
+        return self.readers[s].get_item(sample_id - start)
+
+
+class _Walk:
+    """The global sample stream from a position on: the domain of each sample and which draw of that
+    domain it is (its ``k``; the domain's sample is then a seeded permutation of pass ``k // n``)."""
+
+    def __init__(self, seed: int, position: int, counts: np.ndarray) -> None:
+        self.seed, self.position, self.counts = seed, position, counts.astype(np.int64).copy()
+        self._block: tuple[int, np.ndarray] | None = None
+
+    def _uniforms(self, a: int, b: int) -> np.ndarray:
+        parts = []
+        for block in range(a // _BLOCK, (b - 1) // _BLOCK + 1):
+            if self._block is None or self._block[0] != block:
+                rng = np.random.default_rng([self.seed, _DRAW_STREAM, block])
+                self._block = (block, rng.random(_BLOCK))
+            lo, hi = max(a, block * _BLOCK), min(b, (block + 1) * _BLOCK)
+            parts.append(self._block[1][lo - block * _BLOCK : hi - block * _BLOCK])
+        return np.concatenate(parts)
+
+    def advance(self, to: int, starts: np.ndarray, proportions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Domains and draw numbers of global samples ``[position, to)``; moves the position to ``to``."""
+        a = self.position
+        index = np.arange(a, to)  # (n,)
+        entry = np.searchsorted(starts, index, side="right") - 1  # (n,) schedule entry in force
+        cum = np.cumsum(proportions, axis=1)[entry]  # (n, D)
+        # u * total < total, so the last domain with a positive share is the highest one drawn and
+        # a zero share is never drawn, whatever the rounding of the cumulative sum.
+        target = self._uniforms(a, to) * cum[:, -1]  # (n,)
+        domains = (cum <= target[:, None]).sum(axis=1)  # (n,) searchsorted row by row
+        draws = np.empty(len(index), dtype=np.int64)  # (n,)
+        for d in range(proportions.shape[1]):
+            rows = np.flatnonzero(domains == d)
+            draws[rows] = self.counts[d] + np.arange(len(rows))
+            self.counts[d] += len(rows)
+        self.position = to
+        return domains, draws
+
+
+class DynamicStreamingDataset(IterableDataset):
+    """Samples from one MDS folder per domain, mixed by proportions that may change mid-run.
+
+    The order is a pure function of ``(seed, world size, batch size, the proportion schedule)``:
+
+    * Global sample ``i`` (over all ranks) draws its domain from a seeded uniform ``u_i`` and the
+      proportions in force at ``i``. The schedule is a list ``[(first_sample, proportions), ...]``.
+    * The ``k``-th draw of domain ``d`` reads sample ``perm[k % n_d]`` of a seeded permutation of the
+      domain's ``n_d`` samples for pass ``k // n_d``: a domain that runs out starts a reshuffled pass.
+    * Rank ``r`` of ``W`` takes the global samples with ``i % W == r``, so within a pass of a domain no
+      sample goes to two ranks. Data-loader worker ``w`` of ``K`` yields the rank's batches
+      ``w, w + K, ...`` (the order in which the DataLoader collects them).
+
+    :meth:`set_proportion` appends a schedule entry that starts ``lookahead_batches`` global batches
+    after the samples consumed so far. The DataLoader never asks a worker for more than
+    ``num_workers * prefetch_factor`` batches ahead, so with ``lookahead_batches`` larger than that no
+    sample already prefetched can change, and where a change lands never depends on timing.
+    Workers read the schedule from shared-memory tensors created here, before any worker starts,
+    and re-read it before each batch, so persistent workers see every change. Torch unlinks such
+    memory as soon as it is mapped: a killed run leaves nothing in /dev/shm to clean up.
+
+    Resumption: :meth:`state_dict` holds the position, the per-domain draw counts there and the
+    schedule; its size grows with the number of proportion changes, not with samples seen. Composer
+    saves it in checkpoints and restores it on resume (then it does not spin the loader).
+
+    The stream is endless (no ``__len__``): give ``max_duration`` and intervals in batches, samples or
+    tokens, not epochs.
+
+    Args:
+        local (str): the folder holding ``<split>/<domain>/`` MDS folders; with ``remote``, the cache.
+        split (str): the split folder, ``train``.
+        domains (Sequence[str]): the domain folders, in metric order (``domain_idx``).
+        batch_size (int): the per-rank batch size the DataLoader uses.
+        proportion (Sequence[float], optional): the initial mix. Default: each domain's share of samples.
+        remote (str, optional): where ``<split>/<domain>/`` shards live (any streaming remote, or a
+            path); fetched into ``local`` on first use. Default: ``None`` (read ``local``).
+        seed (int): seeds the domain draws and the permutations. Default: ``17``.
+        lookahead_batches (int): global batches between an update and the first sample it changes.
+            Must exceed ``num_workers * prefetch_factor``. Default: ``32``.
+        max_updates (int): capacity of the shared schedule. Default: ``4096``.
+        rank (int, optional), world_size (int, optional): default: the torch distributed ones.
+
+    Example:
+        >>> ds = DynamicStreamingDataset("data/mds", "train", ["code", "docs"], batch_size=8)
+        >>> loader = DataLoader(ds, batch_size=8, num_workers=2, persistent_workers=True)
+        >>> ds.set_proportion([0.7, 0.3], num_samples=8 * 100)  # after 100 batches (one rank)
+    """
+
+    def __init__(
+        self,
+        local: str,
+        split: str,
+        domains: Sequence[str],
+        batch_size: int,
+        proportion: Sequence[float] | None = None,
+        remote: str | None = None,
+        seed: int = 17,
+        lookahead_batches: int = 32,
+        max_updates: int = 4096,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world_size = world_size or (torch.distributed.get_world_size() if distributed else 1)
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        if batch_size < 1 or lookahead_batches < 1 or max_updates < 1:
+            raise ValueError(
+                f"batch_size ({batch_size}), lookahead_batches ({lookahead_batches}) and max_updates "
+                f"({max_updates}) must be positive"
+            )
+        self.domains, self.batch_size, self.seed = list(domains), batch_size, seed
+        self.lookahead_batches = lookahead_batches
+        root = Path(local) / split
+        self._sources = [
+            _Domain(root / d, f"{remote.rstrip('/')}/{split}/{d}" if remote else None) for d in self.domains
+        ]
+        self.sizes = [source.size for source in self._sources]
+        empty = [d for d, n in zip(self.domains, self.sizes) if n == 0]
+        if empty:
+            raise ValueError(f"domain(s) {empty} under {root} hold no samples")
+        if proportion is None:
+            proportion = [n / sum(self.sizes) for n in self.sizes]
+        D = len(self.domains)
+        # Shared before any worker exists; workers (fork or spawn) map the same memory.
+        self._starts = torch.zeros(max_updates, dtype=torch.int64).share_memory_()  # (U,) first sample
+        self._proportions = torch.zeros(max_updates, D, dtype=torch.float64).share_memory_()  # (U, D)
+        self._num_entries = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._base = torch.zeros(1 + D, dtype=torch.int64).share_memory_()  # position, then counts (D,)
+        self._proportions[0] = torch.tensor(check_proportion(proportion, self.domains), dtype=torch.float64)
+        self._num_entries[0] = 1
+        self._replay: _Walk | None = None  # main process: the walk state_dict advances incrementally
+        self._permutations: dict[int, tuple[int, np.ndarray]] = {}
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def schedule(self) -> list[tuple[int, list[float]]]:
+        """``[(first global sample, proportions), ...]`` in force now, oldest first."""
+        n = int(self._num_entries[0])
+        return [(int(s), p.tolist()) for s, p in zip(self._starts[:n], self._proportions[:n])]
+
+    @property
+    def proportion(self) -> list[float]:
+        """The latest proportions (possibly not yet in force: see :meth:`set_proportion`)."""
+        return self._proportions[int(self._num_entries[0]) - 1].tolist()
+
+    def set_proportion(self, proportion: Sequence[float], num_samples: int) -> int:
+        """Mixes by ``proportion`` from ``lookahead_batches`` global batches after ``num_samples`` (the
+        global samples consumed so far); returns that first global sample. ``num_samples=0`` before
+        the first batch sets the initial mix instead."""
+        values = torch.tensor(check_proportion(proportion, self.domains), dtype=torch.float64)
+        n = int(self._num_entries[0])
+        start = num_samples + self.lookahead_batches * self.global_batch_size
+        if num_samples == 0 and int(self._base[0]) == 0:
+            start = 0  # before the first batch nothing can have been prefetched
+        last = int(self._starts[n - 1])
+        if start < last:
+            raise ValueError(f"num_samples={num_samples} is behind the schedule's last entry at sample {last}")
+        if start > last:
+            if n == len(self._starts):
+                raise ValueError(f"the schedule holds at most max_updates={n} entries; raise max_updates")
+            self._starts[n] = start
+            n += 1
+        self._proportions[n - 1] = values  # written before the count, so a reader never sees a half entry
+        self._num_entries[0] = n
+        return start
+
+    def _schedule_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        n = int(self._num_entries[0])
+        return self._starts[:n].numpy().copy(), self._proportions[:n].numpy().copy()
+
+    def _sample_id(self, d: int, draw: int) -> int:
+        size = self.sizes[d]
+        epoch = draw // size
+        cached = self._permutations.get(d)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, d, epoch])
+            cached = (epoch, rng.permutation(size))
+            self._permutations[d] = cached
+        return int(cached[1][draw % size])
+
+    def _item(self, d: int, draw: int) -> dict[str, torch.Tensor]:
+        sample = self._sources[d].get(self._sample_id(d, draw))
+        return {
+            "input_ids": torch.from_numpy(sample["tokens"].astype(np.int64)),  # (L,), a writable copy
+            "domain_idx": torch.tensor(d),
+        }
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        base = self._base.numpy().copy()
+        walk = _Walk(self.seed, int(base[0]), base[1:])
+        B, W, G = self.batch_size, self.world_size, self.global_batch_size
+        batch = worker
+        while True:
+            first = int(base[0]) + batch * G  # this rank-batch's global batch starts here
+            # Walk every global sample up to the end of the batch (other ranks' and workers' too: the
+            # draw counts depend on them), reading the schedule afresh, never beyond the batch.
+            domains, draws = walk.advance(first + G, *self._schedule_arrays())
+            offset = first - (walk.position - len(domains))
+            mine = offset + np.arange(B) * W + self.rank  # (B,) positions of this rank's samples
+            for d, k in zip(domains[mine].tolist(), draws[mine].tolist()):
+                yield self._item(d, k)
+            batch += workers
+
+    def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict[str, Any]:
+        """The position after ``num_samples`` global samples, its draw counts and the schedule.
+
+        ``from_beginning`` is accepted for Composer's call; the stream has one endless epoch, so the
+        count is always from its beginning.
+        """
+        del from_beginning  # one endless epoch: Composer's count is always from the start
+        starts, proportions = self._schedule_arrays()
+        if self._replay is None or self._replay.position > num_samples:
+            base = self._base.numpy()
+            self._replay = _Walk(self.seed, int(base[0]), base[1:])
+        if num_samples < self._replay.position:
+            raise ValueError(f"num_samples={num_samples} is before the resumed position {self._replay.position}")
+        if num_samples > self._replay.position:
+            self._replay.advance(num_samples, starts, proportions)
+        return {
+            "domains": list(self.domains),
+            "seed": self.seed,
+            "num_samples": num_samples,
+            "counts": self._replay.counts.tolist(),
+            "schedule": [[s, p] for s, p in self.schedule()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues after ``state['num_samples']`` with the saved schedule; the domains and seed must match."""
+        if state["domains"] != self.domains or state["seed"] != self.seed:
+            raise ValueError(
+                f"the checkpoint's data stream has domains {state['domains']} and seed {state['seed']}; "
+                f"this dataset has {self.domains} and seed {self.seed}: resume with the same ones"
+            )
+        schedule = state["schedule"]
+        if len(schedule) > len(self._starts):
+            raise ValueError(f"the checkpoint's schedule has {len(schedule)} entries; raise max_updates")
+        for i, (start, proportion) in enumerate(schedule):
+            self._starts[i] = start
+            self._proportions[i] = torch.tensor(proportion, dtype=torch.float64)
+        self._num_entries[0] = len(schedule)
+        self._base[0] = state["num_samples"]
+        self._base[1:] = torch.tensor(state["counts"], dtype=torch.int64)
+        self._replay = None

@@ -1,0 +1,97 @@
+"""HiFT on 2 CPU ranks (``composer -n 2``, DDP over gloo): the demo HiFT yaml runs to completion and
+both ranks end with identical parameters, every one of which was trained.
+
+This file is also the script each rank runs: ``composer -n 2 tests/test_hift_distributed.py OUT ...``
+runs ``train.main`` on ``yamls/demo/hift.yaml`` and writes ``OUT/rank{R}.json`` with a hash of every
+parameter and whether it moved from its initial value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+YAML = "yamls/demo/hift.yaml"
+BATCHES = 6  # the demo model has 6 units (tied embedding, 4 blocks, norm): one full cycle
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_finish_with_identical_parameters(tmp_path):
+    from llmhift.datasets.demo_data import ensure_demo_data
+
+    data = ensure_demo_data(tmp_path / "data")
+    out = tmp_path / "out"
+    composer = Path(sys.executable).parent / "composer"
+    command = [str(composer), "-n", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--stdout", str(tmp_path / "rank{rank}.stdout"), "--stderr", str(tmp_path / "rank{rank}.stderr"),
+               __file__, str(out), f"variables.data_root={data}", f"variables.instructions={tmp_path / 'instr'}",
+               f"save_folder={tmp_path / 'ckpt'}", f"max_duration={BATCHES}ba", f"eval_interval={BATCHES}ba",
+               "global_train_batch_size=8", "device_train_microbatch_size=2", "progress_bar=false",
+               "log_to_console=false", "eval_subset_num_batches=1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # our own session only: the launcher and its ranks
+        output, _ = process.communicate()
+    logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("rank*.std*")))
+    assert process.returncode == 0, output[-4000:] + logs
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["exit_code"] == ranks[1]["exit_code"] == 0
+    assert ranks[0]["ddp_find_unused"] is True  # HiFT's companion Algorithm asked Composer's DDP for it
+    assert ranks[0]["params"] == ranks[1]["params"]  # bit-identical on both ranks
+    assert all(ranks[0]["moved"].values()), [n for n, m in ranks[0]["moved"].items() if not m]
+    assert (tmp_path / "ckpt" / "latest-rank0.pt").exists()
+
+
+def _rank_main(argv: list[str]) -> int:
+    sys.path.insert(0, str(REPO_ROOT))
+    import torch
+    from composer.utils import dist
+
+    import train
+
+    out, overrides = Path(argv[0]), argv[1:]
+    built = {}
+    build_trainer = train.build_trainer
+
+    def build_and_keep(config):
+        trainer = build_trainer(config)
+        built["trainer"] = trainer
+        built["initial"] = {n: p.detach().clone() for n, p in trainer.state.model.named_parameters()}
+        return trainer
+
+    train.build_trainer = build_and_keep
+    exit_code = train.main([YAML, *overrides])
+    params = dict(built["trainer"].state.model.named_parameters())
+    record = {
+        "exit_code": exit_code,
+        "ddp_find_unused": getattr(built["trainer"].state.model, "find_unused_parameters", None),
+        "params": {n: hashlib.sha1(p.detach().numpy().tobytes()).hexdigest() for n, p in params.items()},
+        "moved": {n: not torch.equal(p, built["initial"][n]) for n, p in params.items()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{dist.get_global_rank()}.json").write_text(json.dumps(record))
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1:]))
