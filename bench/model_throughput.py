@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
+from timing import wall_seconds  # bench/timing.py: scripts here run with bench/ on sys.path
 import transformers
 
 from llmhift.models.hf_adapter import hf_to_llmhift_state_dict, llama_config_from_hf
@@ -42,16 +42,6 @@ def build_pair(args: argparse.Namespace) -> tuple[ComposerLlama, transformers.Ll
     ours.load_state_dict(hf_to_llmhift_state_dict(hf.state_dict(), config.tie_word_embeddings))
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     return ours.to(device, dtype).train(), hf.to(device, dtype).train()
-
-
-def step_seconds(run, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -90,7 +80,7 @@ def main() -> None:
     for rep in range(args.reps):
         order = [("ours", ours_step), ("hf", hf_step)]
         for name, run in order if rep % 2 == 0 else reversed(order):
-            times[name].append(step_seconds(run, device))
+            times[name].append(wall_seconds(run, device))
 
     tokens = args.batch * args.seq_len
     ours_tps = tokens / statistics.median(times["ours"])

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
+from timing import wall_seconds  # bench/timing.py: scripts here run with bench/ on sys.path
 
 from llmhift.models.l0_module import PRUNING_MODULES, L0Module
 from llmhift.models.llama import ComposerLlama, LlamaConfig
@@ -51,16 +51,6 @@ def make_step(model: ComposerLlama, batch: dict[str, torch.Tensor], autocast: to
     return step
 
 
-def seconds(run, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -87,7 +77,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.repeats):
         for name in (("plain", "masked") if i % 2 == 0 else ("masked", "plain")):
-            times[name].append(seconds(steps[name], device))
+            times[name].append(wall_seconds(steps[name], device))
     plain_s, masked_s = statistics.median(times["plain"]), statistics.median(times["masked"])
     print(json.dumps({
         "device": str(device), "dtype": args.dtype, "d_model": args.d_model, "layers": args.layers,

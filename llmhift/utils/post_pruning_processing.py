@@ -28,6 +28,7 @@ from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import LlamaConfig
 from llmhift.utils.atomic import atomic_file
 from llmhift.utils.checkpoints import LLMHIFT_KEY, load_checkpoint, model_state_dict, run_config_beside
+from llmhift.utils.composer_to_hf import parse_overrides
 
 __all__ = ["prune_llama_weights", "prune_and_save_model", "main"]
 
@@ -167,12 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     prune.add_argument("overrides", nargs="*", metavar="config=PATH | overwrite=true")
     args = parser.parse_args(argv)
     try:
-        options = {}
-        for pair in args.overrides:
-            key, sep, value = pair.partition("=")
-            if not sep or key not in ("config", "overwrite"):
-                raise ConversionError(f"expected config=PATH or overwrite=true, got {pair!r}")
-            options[key] = yaml.safe_load(value) if key == "overwrite" else value
+        options = parse_overrides(args.overrides)
+        unknown = sorted(set(options) - {"config", "overwrite"})
+        if unknown:
+            raise ConversionError(f"prune_and_save_model takes config=PATH and overwrite=true, not {unknown}")
+        if "config" in options:
+            options["config"] = str(options["config"])
         out = prune_and_save_model(args.checkpoint, **options)
     except (ConversionError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
