@@ -17,13 +17,11 @@ $(VENV)/.installed: setup.py
 test: install
 	$(PY) -m pytest -q tests
 
-# Data preparation (the embedded demo corpus), pretraining a tiny LLaMA, conversion to Hugging Face.
+# The whole pipeline in miniature (scripts/demo_pipeline.py prints every command it runs): demo data,
+# pretraining, pruning with dynamic loading, post-processing, continued pretraining, HF conversion,
+# HiFT, generation with transformers, and the run report.
 demo: install
-	$(PY) -m llmhift.datasets.demo_data demo_runs/data
-	$(PY) train.py yamls/demo/pretrain.yaml
-	$(PY) -m llmhift.utils.composer_to_hf save_composer_to_hf demo_runs/demo-pretrain/checkpoints/latest-rank0.pt demo_runs/demo-pretrain/hf overwrite=true
-	$(PY) -m llmhift.utils.test_composer_hf_eq demo_runs/demo-pretrain/hf demo_runs/demo-pretrain/checkpoints/latest-rank0.pt
-	@echo "checkpoint: demo_runs/demo-pretrain/checkpoints/latest-rank0.pt; Hugging Face model: demo_runs/demo-pretrain/hf"
+	$(PY) scripts/demo_pipeline.py --root demo_runs
 
 clean:
 	rm -rf $(VENV) *.egg-info demo_runs

@@ -15,6 +15,7 @@ install_requires = [
     "omegaconf>=2.4,<2.5",
     "numpy<2.2",
     "tqdm",
+    "matplotlib",  # llmhift.report's plots (Composer installs it too; the report must not rely on that)
 ]
 
 extras_require = {
@@ -32,5 +33,14 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras_require,
-    entry_points={"console_scripts": ["llmhift-composer-to-hf=llmhift.utils.composer_to_hf:main"]},
+    entry_points={
+        "console_scripts": ["llmhift-composer-to-hf=llmhift.utils.composer_to_hf:main"],
+        # llm-foundry's registry reads this group: `callbacks: {pruning: ...}` in an llm-foundry yaml
+        # finds llmhift's callbacks with llmhift installed, and llmhift never imports llm-foundry.
+        "llmfoundry_callbacks": [
+            "pruning=llmhift.callbacks.pruning:PruningCallback",
+            "data_loading=llmhift.callbacks.dynamic_loading:DynamicLoadingCallback",
+            "hift=llmhift.callbacks.hift:HiFTCallback",
+        ],
+    },
 )

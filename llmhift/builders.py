@@ -35,6 +35,7 @@ from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.datasets.instruction import InstructionDataset, check_instruction_dataset
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
 from llmhift.datasets.text import DataFolderError, MultiDomainTextDataset, find_domains, sequence_length
+from llmhift.loggers import JsonlLogger
 from llmhift.models.hf_adapter import ConversionError, infer_llama_config
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
 from llmhift.models.l0_module import L0Module
@@ -101,6 +102,7 @@ LOGGERS: dict[str, Callable[..., LoggerDestination]] = {
     "wandb": _wandb,
     "mlflow": _mlflow,
     "file": FileLogger,
+    "jsonl": JsonlLogger,  # every metric to a JSON-lines file, read by `python -m llmhift.report`
 }
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {"gradient_clipping": GradientClipping}
 OPTIMIZERS = ("decoupled_adamw", "adamw")

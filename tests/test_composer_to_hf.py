@@ -244,3 +244,18 @@ def test_sharded_output_reloads(checkpoint, tmp_path, monkeypatch):
     _, first, _ = load_llama_checkpoint(checkpoint)
     _, second, _ = load_llama_checkpoint(back)
     assert all(torch.equal(first[k], second[k]) for k in first) and sorted(first) == sorted(second)
+
+
+def test_wrapped_hf_checkpoint_with_a_tied_head_converts(tmp_path):
+    """ComposerHFCausalLM checkpoints hold HF names under `model.`, the tied head as a second key
+    on the embedding's storage; it must count as tied, not as an extra weight."""
+    from llmhift.models.hf_causal_lm import ComposerHFCausalLM
+
+    hf = tiny_hf_llama(tie_word_embeddings=True)
+    wrapped = ComposerHFCausalLM(hf)
+    torch.save({"state": {"model": wrapped.state_dict()}}, tmp_path / "wrapped.pt")
+    out = save_composer_to_hf(tmp_path / "wrapped.pt", tmp_path / "hf", n_heads=4)
+    tensors = hf_tensors(out)
+    assert "lm_head.weight" not in tensors
+    assert torch.equal(tensors["model.embed_tokens.weight"], hf.model.embed_tokens.weight)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True

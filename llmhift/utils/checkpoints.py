@@ -65,7 +65,9 @@ def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     if any(k.startswith("model.model.") for k in weights):
         weights = _strip_prefix(weights, "model.")
     if "model.embed_tokens.weight" in weights:
-        tied = "lm_head.weight" not in weights
+        head = weights.get("lm_head.weight")
+        # A wrapped HF model saves a tied head as a second key on the embedding's storage.
+        tied = head is None or head.data_ptr() == weights["model.embed_tokens.weight"].data_ptr()
         weights = hf_to_llmhift_state_dict(weights, tie_word_embeddings=tied)
     return weights
 

@@ -1,0 +1,228 @@
+"""Plots and a markdown summary of llmhift runs from their metrics.jsonl: ``python -m llmhift.report RUN_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from llmhift.utils.atomic import atomic_directory  # noqa: E402
+
+__all__ = ["Series", "read_metrics", "find_runs", "plot_run", "write_report", "main"]
+
+Series = dict[str, dict[int, float]]  # metric key -> {batch: value}
+EVAL_CE = "metrics/eval/LanguageCrossEntropy"
+DOMAIN_CE, DOMAIN_WEIGHT = "_LanguageCrossEntropy", "_weight"
+
+
+def read_metrics(path: str | Path) -> Series:
+    """Every metric of a JsonlLogger file; the last value logged at a batch wins (a resumed run's)."""
+    series: Series = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        batch = int(record.pop("batch") or 0)
+        for key, value in record.items():
+            if value is not None:
+                series.setdefault(key, {})[batch] = float(value)
+    return series
+
+
+def find_runs(root: str | Path) -> dict[str, Path]:
+    """Run name -> metrics.jsonl for every run under ``root`` (the name is the run's folder, or the
+    folder above a ``checkpoints`` folder), in the order the runs started."""
+    files = sorted(Path(root).rglob("metrics.jsonl"), key=lambda p: p.stat().st_ctime)
+    runs = {}
+    for path in files:
+        folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        runs[folder.name] = path
+    return runs
+
+
+def _xy(points: dict[int, float]) -> tuple[list[int], list[float]]:
+    batches = sorted(points)
+    return batches, [points[b] for b in batches]
+
+
+def _with_suffix(series: Series, prefix: str, suffix: str) -> dict[str, dict[int, float]]:
+    """{domain: points} for keys ``<prefix><domain><suffix>``."""
+    return {k[len(prefix) : len(k) - len(suffix)]: v for k, v in sorted(series.items())
+            if k.startswith(prefix) and k.endswith(suffix) and len(k) > len(prefix) + len(suffix)}
+
+
+def _domain_losses(series: Series) -> dict[str, dict[int, float]]:
+    """Per-domain eval loss; a domain absent from the evaluated batches logs exactly 0, which is no loss."""
+    domains = _with_suffix(series, "metrics/eval/", DOMAIN_CE)
+    kept = {d: {b: v for b, v in points.items() if v > 0} for d, points in domains.items()}
+    return {d: points for d, points in kept.items() if points}
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_loss(name: str, series: Series, out: Path) -> Path | None:
+    domains = _domain_losses(series)
+    if "loss/train/total" not in series and not domains:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    lm_key = "loss/train/lm" if "loss/train/lm" in series else "loss/train/total"
+    if lm_key in series:
+        ax.plot(*_xy(series[lm_key]), color="0.6", linewidth=1, label="train (all domains)")
+    for domain, points in domains.items():
+        ax.plot(*_xy(points), marker="o", linewidth=2, label=f"eval: {domain}")
+    if EVAL_CE in series:
+        ax.plot(*_xy(series[EVAL_CE]), "k--", marker="s", label="eval: all")
+    ax.set(title=f"{name}: language-model loss per domain", xlabel="batch", ylabel="cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / f"{name}_loss.png")
+
+
+def _plot_proportions(name: str, series: Series, out: Path) -> Path | None:
+    weights = _with_suffix(series, "metrics/train/", DOMAIN_WEIGHT)
+    if not weights:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for domain, points in weights.items():
+        ax.step(*_xy(points), where="post", linewidth=2, label=domain)
+    ax.set(title=f"{name}: training-mix proportion per domain (dynamic batch loading)", xlabel="batch",
+           ylabel="proportion", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / f"{name}_proportions.png")
+
+
+def _plot_pruning(name: str, series: Series, out: Path) -> Path | None:
+    if "pruning/expected_params" not in series:
+        return None
+    fig, (params, sparsity) = plt.subplots(1, 2, figsize=(12, 4.5))
+    params.plot(*_xy(series["pruning/expected_params"]), linewidth=2, label="expected (L0 masks)")
+    params.plot(*_xy(series["pruning/target_params"]), "k--", label="target")
+    params.set(title=f"{name}: non-embedding parameters", xlabel="batch", ylabel="parameters")
+    params.grid(alpha=0.3)
+    params.legend(fontsize=8)
+    targets = _with_suffix(series, "pruning/target_sparsity/", "")
+    for index, (module, points) in enumerate(_with_suffix(series, "pruning/expected_sparsity/", "").items()):
+        color = f"C{index}"
+        sparsity.plot(*_xy(points), color=color, linewidth=2, label=f"{module}: expected")
+        if module in targets:
+            sparsity.plot(*_xy(targets[module]), color=color, linestyle="--", label=f"{module}: target")
+    sparsity.set(title=f"{name}: sparsity per structure vs target", xlabel="batch", ylabel="sparsity", ylim=(0, 1))
+    sparsity.grid(alpha=0.3)
+    sparsity.legend(fontsize=7, ncol=2)
+    return _save(fig, out / f"{name}_pruning.png")
+
+
+def _plot_hift(name: str, series: Series, out: Path) -> Path | None:
+    if "hift/active_group" not in series:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    batches, groups = _xy(series["hift/active_group"])
+    ax.step(batches, groups, where="post", color="C1", linewidth=2, label="active group")
+    ax.scatter(batches, groups, c=groups, cmap="viridis", zorder=3, label="optimizer step")
+    ax.set(title=f"{name}: HiFT group trained at each step", xlabel="batch", ylabel="group index")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / f"{name}_hift.png")
+
+
+def _plot_throughput(name: str, series: Series, out: Path) -> Path | None:
+    if "throughput/tokens_per_sec" not in series:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(*_xy(series["throughput/tokens_per_sec"]), color="C2", linewidth=2, label="tokens/s (all ranks)")
+    ax.set(title=f"{name}: training throughput", xlabel="batch", ylabel="tokens per second")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / f"{name}_throughput.png")
+
+
+def plot_run(name: str, series: Series, out: Path) -> list[Path]:
+    """Every plot the run's metrics allow, as PNGs in ``out``."""
+    plots = (_plot_loss, _plot_proportions, _plot_pruning, _plot_hift, _plot_throughput)
+    return [path for plot in plots if (path := plot(name, series, out)) is not None]
+
+
+def _last(points: dict[int, float]) -> float:
+    return points[max(points)]
+
+
+def _summary(name: str, series: Series, pngs: list[Path]) -> list[str]:
+    lines = [f"## {name}", ""]
+    batches = max((max(points) for points in series.values()), default=0)
+    lines.append(f"- batches: {batches}")
+    for key, label in (("loss/train/total", "final train loss"), (EVAL_CE, "final eval loss")):
+        if key in series:
+            lines.append(f"- {label}: {_last(series[key]):.3f}")
+    domains = _domain_losses(series)
+    if domains:
+        lines.append("- final eval loss per domain: " + ", ".join(f"{d} {_last(p):.3f}" for d, p in domains.items()))
+    weights = _with_suffix(series, "metrics/train/", DOMAIN_WEIGHT)
+    if weights:
+        lines.append("- proportions first -> last: " + ", ".join(
+            f"{d} {p[min(p)]:.3f} -> {_last(p):.3f}" for d, p in weights.items()))
+    if "pruning/expected_params" in series:
+        lines.append(f"- expected params at the end: {_last(series['pruning/expected_params']):,.0f} "
+                     f"(target {_last(series['pruning/target_params']):,.0f})")
+        targets = _with_suffix(series, "pruning/target_sparsity/", "")
+        lines.append("- sparsity expected / target: " + ", ".join(
+            f"{m} {_last(p):.3f} / {_last(targets[m]):.3f}"
+            for m, p in _with_suffix(series, "pruning/expected_sparsity/", "").items() if m in targets))
+    if "hift/active_group" in series:
+        groups = sorted({int(g) for g in series["hift/active_group"].values()})
+        lines.append(f"- HiFT groups trained: {groups}")
+    if "throughput/tokens_per_sec" in series:
+        values = list(series["throughput/tokens_per_sec"].values())
+        lines.append(f"- throughput: mean {sum(values) / len(values):,.0f} tokens/s")
+    lines.append("")
+    lines += [f"![{png.stem}]({png.name})" for png in pngs]
+    lines.append("")
+    return lines
+
+
+def write_report(root: str | Path, out: str | Path | None = None) -> Path:
+    """Plots and ``report.md`` for every run under ``root``, into ``out`` (``<root>/report``), atomically."""
+    runs = find_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"{root}: no metrics.jsonl below it; add `loggers: {{jsonl: {{path: "
+                                "${save_folder}/metrics.jsonl}}}` to the run's yaml")
+    out = Path(out) if out is not None else Path(root) / "report"
+    with atomic_directory(out, overwrite=True) as tmp:
+        lines = ["# llmhift run report", "", f"Runs under `{root}`, in the order they started.", ""]
+        for name, path in runs.items():
+            series = read_metrics(path)
+            lines += _summary(name, series, plot_run(name, series, tmp))
+        (tmp / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    return out / "report.md"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmhift.report", description=__doc__)
+    parser.add_argument("run_dir", help="a folder holding one or more runs' metrics.jsonl (searched recursively)")
+    parser.add_argument("--out", help="where to write the plots and report.md (default RUN_DIR/report)")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.run_dir, args.out)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
