@@ -16,14 +16,17 @@ from composer.utils import dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmhift.builders import (
+    build_algorithms,
     build_callbacks,
+    build_loggers,
     build_model,
     build_trainer,
     check_data,
     check_optimization,
+    check_precision,
     check_tokenizer,
 )
-from llmhift.config import ConfigError, TrainConfig, load_config
+from llmhift.config import ConfigError, TrainConfig, device_batch_sizes, load_config
 from llmhift.models.l0_module import count_params
 
 
@@ -32,10 +35,17 @@ def _count(params) -> int:
 
 
 def dry_run(config: TrainConfig) -> None:
-    """Validates everything that does not need data or weights and prints the model's size."""
+    """Validates everything that does not need data or weights and prints the model's size.
+
+    Settings are errors; what depends on this machine (data folders, tokenizer, a GPU for amp_*) is
+    reported as a note, since a dry run usually happens away from the cluster.
+    """
     check_optimization(config)
     build_callbacks(config)
-    for check in (check_data, check_tokenizer):
+    build_loggers(config)
+    build_algorithms(config)
+    device_batch_sizes(config, world_size=1, on_gpu=True)
+    for check in (check_data, check_tokenizer, check_precision):
         try:
             check(config)
         except ConfigError as err:
@@ -82,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("yaml")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
     parser.add_argument("--dry-run", action="store_true", help="validate, print parameter counts, and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --dry-run may come anywhere among the overrides
     try:
         config = load_config(args.yaml, args.overrides)
         if args.dry_run:
@@ -95,8 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.eval_first and int(trainer.state.timestamp.batch) == 0:
         trainer.eval()
     trainer.fit()
-    if config.save_folder and dist.get_global_rank() == 0:
-        print(f"checkpoint: {Path(config.save_folder) / 'latest-rank0.pt'}")
+    if config.save_folder and "://" not in config.save_folder and dist.get_global_rank() == 0:
+        folder = Path(config.save_folder.format(run_name=config.run_name))
+        print(f"checkpoint: {folder / 'latest-rank0.pt'}")
     return 0
 
 

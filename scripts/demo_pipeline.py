@@ -19,7 +19,7 @@ from typing import Sequence
 
 __all__ = ["pipeline_commands", "main"]
 
-# Durations of `make demo` (`--size demo`): about 8 minutes on 2 free cores, a full evaluation 2-3 times a run.
+# Durations of `make demo` (`--size demo`): the pipeline took 343 s on 2 cores (README), 2-3 full evaluations a run.
 DEMO = {
     "pretrain": ["max_duration=120ba", "eval_interval=40ba", "save_interval=120ba"],
     "prune": ["max_duration=100ba", "eval_interval=50ba", "save_interval=100ba",
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="demo_runs", help="folder for the data and every run (default demo_runs)")
     parser.add_argument("--size", choices=("demo", "tiny"), default="demo",
-                        help="demo: ~8 min on 2 free cores; tiny: a smoke run (~2 min)")
+                        help="demo: what make demo runs; tiny: a short smoke run")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     for step in TINY:  # a rerun starts its runs afresh (Composer refuses to overwrite checkpoints); data is kept

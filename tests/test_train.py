@@ -129,3 +129,14 @@ def test_pretrained_weights_load_from_hf_or_composer(source, demo_root, tmp_path
     actual = model.state_dict()
     assert sorted(actual) == sorted(expected)
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def test_dry_run_checks_settings_and_notes_what_depends_on_the_machine(demo_root, tmp_path, capsys):
+    args = [DEMO_YAML, "--dry-run", *demo_overrides(demo_root, tmp_path / "ckpt")]  # the flag may come first
+    assert train.main([*args, "device_train_microbatch_size=3"]) == 2
+    assert "device_train_microbatch_size" in capsys.readouterr().err
+    assert train.main([*args, "loggers.jsonll.path=x"]) == 2
+    assert "loggers.jsonll" in capsys.readouterr().err
+    assert train.main([*args, "precision=amp_bf16"]) == 0  # a GPU setting, validated on a CPU laptop
+    assert "note: precision: amp_bf16 needs a GPU" in capsys.readouterr().out
+    assert not (tmp_path / "ckpt").exists()
