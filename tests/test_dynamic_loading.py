@@ -23,6 +23,7 @@ from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback, doremi_upd
 from llmhift.config import load_config
 from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset
+from tests.helpers import CrashAt
 
 REPO = Path(__file__).resolve().parents[1]
 YAML = "yamls/demo/pretrain.yaml"
@@ -112,14 +113,6 @@ class Record(Callback):
         self.schedules[int(state.timestamp.batch)] = state.train_dataloader.dataset.schedule()
 
 
-class CrashAt(Callback):
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-
-    def batch_start(self, state, logger) -> None:
-        if int(state.timestamp.batch) + 1 == self.batch:
-            raise KeyboardInterrupt("simulated crash")
-
 
 RUN = ["max_duration=10ba", "eval_interval=2ba", "save_interval=2ba", "global_train_batch_size=4",
        "device_train_microbatch_size=4", "train_loader.num_workers=2", "train_loader.persistent_workers=true",
@@ -163,7 +156,7 @@ def test_crashed_run_resumes_same_batches_and_proportions(full_run, demo_root, t
     record, history = full_run
     first = Record()
     with pytest.raises(KeyboardInterrupt):
-        run(demo_root, tmp_path, first, CrashAt(7))
+        run(demo_root, tmp_path, first, CrashAt(6))
     resumed = Record()
     trainer, start = run(demo_root, tmp_path, resumed)
     assert start == 6  # the checkpoint after batch 6, not a fresh start

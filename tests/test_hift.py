@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llmhift.callbacks.hift import HiFTCallback
 from llmhift.models.llama import ComposerLlama
+from tests.helpers import CrashAt
 
 # 2 blocks, untied head: units embedding, block.0, block.1, norm, head
 MODEL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=16)
@@ -58,14 +59,6 @@ class RecordSteps(Callback):
         assert moved == {n for unit, names in self.hift.units if unit in self.changed[-1] for n in names}
         self.losses[int(state.timestamp.batch)] = float(state.loss)
 
-
-class CrashAt(Callback):
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-
-    def batch_start(self, state, logger) -> None:
-        if int(state.timestamp.batch) == self.batch:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def adamw(params):

@@ -13,6 +13,7 @@ from llmhift.config import load_config
 from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.utils.composer_to_hf import save_composer_to_hf
 from llmhift.utils.post_pruning_processing import prune_and_save_model
+from tests.helpers import CrashAt
 
 DEMO_PRUNE = "yamls/demo/prune.yaml"
 TARGET = {"d_model": 64, "n_heads": 2, "n_kv_heads": 1, "n_layers": 3, "intermediate_size": 176}
@@ -48,14 +49,6 @@ class Record(Callback):
         self.losses[int(state.timestamp.batch)] = float(state.loss["total"])
         self.penalties[int(state.timestamp.batch)] = float(state.loss["lagrangian"])
 
-
-class CrashAt(Callback):
-    def __init__(self, batch):
-        self.batch = batch
-
-    def batch_start(self, state, logger):
-        if int(state.timestamp.batch) == self.batch:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def fit(config, *callbacks):

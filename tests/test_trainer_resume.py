@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from composer import Callback, Event, Trainer
+from composer import Callback, Trainer
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset
 
 from llmhift.models.llama import ComposerLlama
 from llmhift.utils.composer_to_hf import save_composer_to_hf
+from tests.helpers import CrashAt
 
 MODEL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=16)
 
@@ -36,16 +37,6 @@ class RecordLoss(Callback):
     def batch_end(self, state, logger) -> None:
         self.losses[int(state.timestamp.batch)] = float(state.loss)
 
-
-class CrashAt(Callback):
-    """Simulates a killed job: raises once the given batch count has completed and been saved."""
-
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-
-    def batch_start(self, state, logger) -> None:
-        if int(state.timestamp.batch) == self.batch:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def make_trainer(save_folder, callbacks, autoresume=False, max_duration="8ba"):
