@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,36 +20,19 @@ YAML = "yamls/demo/hift.yaml"
 BATCHES = 6  # the demo model has 6 units (tied embedding, 4 blocks, norm): one full cycle
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_finish_with_identical_parameters(tmp_path):
     from llmhift.datasets.demo_data import ensure_demo_data
+    from tests.helpers import launch_ranks, rank_logs  # here: this file also runs as a rank's script
 
     data = ensure_demo_data(tmp_path / "data")
     out = tmp_path / "out"
-    composer = Path(sys.executable).parent / "composer"
-    command = [str(composer), "-n", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "--stdout", str(tmp_path / "rank{rank}.stdout"), "--stderr", str(tmp_path / "rank{rank}.stderr"),
-               __file__, str(out), f"variables.data_root={data}", f"variables.instructions={tmp_path / 'instr'}",
-               f"save_folder={tmp_path / 'ckpt'}", f"max_duration={BATCHES}ba", f"eval_interval={BATCHES}ba",
-               "global_train_batch_size=8", "device_train_microbatch_size=2", "progress_bar=false",
-               "log_to_console=false", "eval_subset_num_batches=1"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # our own session only: the launcher and its ranks
-        output, _ = process.communicate()
-    logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("rank*.std*")))
-    assert process.returncode == 0, output[-4000:] + logs
+    args = [str(out), f"variables.data_root={data}", f"variables.instructions={tmp_path / 'instr'}",
+            f"save_folder={tmp_path / 'ckpt'}", f"max_duration={BATCHES}ba", f"eval_interval={BATCHES}ba",
+            "global_train_batch_size=8", "device_train_microbatch_size=2", "progress_bar=false",
+            "log_to_console=false", "eval_subset_num_batches=1"]
+    process = launch_ranks(__file__, args, tmp_path / "logs", timeout=300)
+    assert process.returncode == 0, process.stdout[-4000:] + rank_logs(tmp_path / "logs")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["exit_code"] == ranks[1]["exit_code"] == 0
     assert ranks[0]["ddp_find_unused"] is True  # HiFT's companion Algorithm asked Composer's DDP for it

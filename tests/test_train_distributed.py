@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import launch_ranks, rank_logs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORD_BATCHES = REPO_ROOT / "tests" / "scripts" / "record_batches.py"
@@ -29,55 +26,6 @@ GLOBAL_BATCH = 8
 PER_RANK_BATCH = GLOBAL_BATCH // WORLD_SIZE
 BATCHES = 6
 LAUNCH_TIMEOUT_S = 240
-
-# Launch variables a parent run (say, pytest started under composer or torchrun) could leak into ours.
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(script: str, args: list[str], logs: Path, timeout: float) -> subprocess.CompletedProcess:
-    """``composer -n 2 script args...`` from the repo root, in its own process group so that a hang
-    is killed whole (launcher and ranks) and nothing else is touched."""
-    composer = Path(sys.executable).parent / "composer"  # the launcher of this interpreter's Composer
-    launcher = [str(composer)] if composer.exists() else [sys.executable, "-m", "composer.cli"]
-    command = [
-        *launcher, "-n", str(WORLD_SIZE),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        # the launcher discards ranks > 0 output unless told where to put it
-        "--stdout", str(logs / "rank{rank}.stdout"), "--stderr", str(logs / "rank{rank}.stderr"),
-        script, *args,
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")  # 2 ranks on 2 cores: one thread each, no oversubscription
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGTERM)  # our own session: the launcher and its ranks only
-        try:
-            output, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s:\n{output[-4000:]}{_rank_logs(logs)}")
-    return subprocess.CompletedProcess(command, process.returncode, output, None)
-
-
-def _rank_logs(logs: Path) -> str:
-    parts = []
-    for path in sorted(logs.glob("rank*.std*")):
-        parts.append(f"\n--- {path.name} (tail) ---\n{path.read_text(errors='replace')[-3000:]}")
-    return "".join(parts)
-
 
 def _corpus_counts(mds: Path) -> Counter:
     """How often each sample's content occurs in the train split (the corpus has a few duplicate
@@ -112,14 +60,14 @@ def two_rank_run(tmp_path_factory):
     ]
     logs = tmp / "logs"
     logs.mkdir()
-    result = _launch(str(RECORD_BATCHES), [YAML, str(tmp / "batches"), *overrides], logs, LAUNCH_TIMEOUT_S)
+    result = launch_ranks(str(RECORD_BATCHES), [YAML, str(tmp / "batches"), *overrides], logs, LAUNCH_TIMEOUT_S)
     return tmp, data, logs, result
 
 
 @pytest.mark.slow
 def test_two_rank_run_finishes_and_saves(two_rank_run):
     tmp, _, logs, result = two_rank_run
-    assert result.returncode == 0, f"{' '.join(result.args)}\n{result.stdout[-6000:]}{_rank_logs(logs)}"
+    assert result.returncode == 0, f"{' '.join(result.args)}\n{result.stdout[-6000:]}{rank_logs(logs)}"
     assert (tmp / "ckpt" / "latest-rank0.pt").exists()
     assert (tmp / "ckpt" / "config.yaml").is_file()  # train.py's resolved config, written by rank 0 only
     # train.main ran to its end on every rank, not only on the one whose output the launcher shows
@@ -131,7 +79,7 @@ def test_two_rank_run_finishes_and_saves(two_rank_run):
 @pytest.mark.slow
 def test_ranks_train_on_disjoint_samples(two_rank_run):
     tmp, data, logs, result = two_rank_run
-    assert result.returncode == 0, f"{result.stdout[-6000:]}{_rank_logs(logs)}"
+    assert result.returncode == 0, f"{result.stdout[-6000:]}{rank_logs(logs)}"
     records = [json.loads((tmp / "batches" / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
     assert records[0]["pid"] != records[1]["pid"]
     seen = []
