@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from llmhift.models.hf_adapter import ConversionError, hf_to_llmhift_state_dict
 
 __all__ = [
     "LLMHIFT_KEY",
+    "is_sharded_checkpoint",
     "load_checkpoint",
     "model_state_dict",
     "read_hf_weights",
@@ -28,15 +30,27 @@ __all__ = [
 LLMHIFT_KEY = "llmhift"
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A Composer checkpoint (``latest-rank0.pt`` or any ``ep*-ba*-rank0.pt``) or a bare state dict.
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A torch distributed-checkpoint folder, as Composer writes with ``state_dict_type: sharded``
+    (``ep0-ba6/`` with ``.metadata`` and one ``__R_0.distcp`` per rank; ``latest-rank0.pt`` links to it)."""
+    return (Path(path) / ".metadata").is_file()
 
-    Composer checkpoints pickle more than tensors (timestamps, RNG states), so this unpickles in full:
-    only load checkpoints you trust.
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Composer checkpoint (``latest-rank0.pt`` or any ``ep*-ba*-rank0.pt``), a sharded checkpoint
+    folder, or a bare state dict.
+
+    A sharded folder is gathered into one ordinary checkpoint in this process (no process group),
+    through a temporary file: peak memory is one full copy. Composer checkpoints pickle more than
+    tensors (timestamps, RNG states), so this unpickles in full: only load checkpoints you trust.
     """
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return _load_sharded(path)
     if not path.is_file():
-        raise ConversionError(f"checkpoint {path} does not exist or is not a file")
+        raise ConversionError(
+            f"checkpoint {path} does not exist or is neither a file nor a sharded checkpoint folder (with .metadata)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for a file that is not a checkpoint
@@ -44,6 +58,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise ConversionError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
+
+
+def _load_sharded(folder: Path) -> dict[str, Any]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix="llmhift-dcp-") as tmp:
+        gathered = Path(tmp) / "checkpoint.pt"
+        try:
+            dcp_to_torch_save(folder, gathered)
+        except Exception as err:  # a truncated or foreign folder fails in several ways inside torch
+            raise ConversionError(f"{folder} is not a readable sharded checkpoint: {err}") from err
+        return torch.load(gathered, map_location="cpu", weights_only=False)
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -126,9 +152,10 @@ def write_hf_weights(weights: dict[str, torch.Tensor], out_dir: Path, max_shard_
 
 
 def read_llama_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """ComposerLlama weights from an HF model folder or a Composer checkpoint / state dict file."""
+    """ComposerLlama weights from an HF model folder, a sharded checkpoint folder, or a Composer checkpoint /
+    state dict file."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         if not (path / "config.json").is_file():
             raise ConversionError(f"{path} is a folder without config.json: not a Hugging Face model folder")
         tied = bool(json.loads((path / "config.json").read_text()).get("tie_word_embeddings", False))
