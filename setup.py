@@ -19,7 +19,8 @@ install_requires = [
 ]
 
 extras_require = {
-    "test": ["pytest>=8", "pytest-timeout"],
+    "test": ["pytest>=8", "pytest-timeout", "peft>=0.17,<0.19"],
+    "peft": ["peft>=0.17,<0.19"],  # HiFT over LoRA adapters
     "gpu": ["flash-attn>=2.5"],
 }
 
