@@ -1,6 +1,6 @@
 """Peak memory and step time of HiFT vs full fine-tuning (AdamW) of the same model, side by side; prints JSON.
 
-    python bench/hift_memory.py [--layers 12] [--d-model 256] [--steps 20]
+    python bench/hift_memory.py [--layers 12] [--d-model 768] [--batch-size 2] [--seq-len 128] [--steps 18]
 
 Each setting runs in its own fresh process (peak RSS is a per-process high-water mark) with the same
 model, data and seed. Reported per setting:
@@ -10,6 +10,9 @@ model, data and seed. Reported per setting:
 - ``peak_optimizer_state_mb``: the largest amount of optimizer state held in ``optimizer.state`` at
   any step, by tensor accounting: on a GPU this is what sits on the accelerator (HiFT parks the rest
   in host memory, which on a CPU machine is the same memory, so it still counts in ``peak_rss_mb``).
+- ``peak_model_state_mb``: the largest sum, at the end of a step, of weights, gradients, optimizer
+  state in ``optimizer.state`` and HiFT's fp32 master copies: what an accelerator would hold besides
+  activations (parked state excluded).
 - ``step_s``: median wall time of a training step after the first cycle.
 Ratios are HiFT / full fine-tuning.
 """
@@ -38,7 +41,11 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def run_one(name: str, layers: int, d_model: int, steps: int) -> dict:
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run_one(name: str, layers: int, d_model: int, batch_size: int, seq_len: int, steps: int) -> dict:
     import torch
     from composer import Callback, Trainer
     from torch.utils.data import DataLoader
@@ -51,58 +58,68 @@ def run_one(name: str, layers: int, d_model: int, steps: int) -> dict:
     torch.set_num_threads(2)
     baseline = _rss_mb()
     model = ComposerLlama(dict(vocab_size=2048, d_model=d_model, n_layers=layers, n_heads=8,
-                               intermediate_size=int(d_model * 8 / 3) // 64 * 64, max_seq_len=128))
-    data = [{"input_ids": torch.randint(2048, (128,))} for _ in range(64)]
+                               intermediate_size=int(d_model * 8 / 3) // 64 * 64, max_seq_len=seq_len))
+    data = [{"input_ids": torch.randint(2048, (seq_len,))} for _ in range(batch_size * steps)]
 
     class Measure(Callback):
         def __init__(self) -> None:
-            self.times, self.state_bytes = [], 0
+            self.times, self.state_bytes, self.model_state_bytes = [], 0, 0
 
         def batch_start(self, state, logger) -> None:
             self.start = time.perf_counter()
 
         def batch_end(self, state, logger) -> None:
             self.times.append(time.perf_counter() - self.start)
-            held = sum(t.numel() * t.element_size() for s in state.optimizers[0].state.values()
-                       for t in s.values() if torch.is_tensor(t))
+            held = _bytes(t for s in state.optimizers[0].state.values() for t in s.values() if torch.is_tensor(t))
+            params = list(state.model.parameters())
+            grads = [p.grad for p in params if p.grad is not None]
+            masters = [] if hift is None else list(hift._master.values())
             self.state_bytes = max(self.state_bytes, held)
+            self.model_state_bytes = max(self.model_state_bytes, held + _bytes(params) + _bytes(grads) + _bytes(masters))
 
+    hift = None if SETTINGS[name] is None else HiFTCallback(**SETTINGS[name])
     measure = Measure()
-    callbacks = [measure] if SETTINGS[name] is None else [HiFTCallback(**SETTINGS[name]), measure]
-    trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=4),
+    callbacks = [measure] if hift is None else [hift, measure]
+    trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=batch_size),
                       optimizers=torch.optim.AdamW(model.parameters(), lr=1e-4), max_duration=f"{steps}ba",
                       device="cpu", precision="fp32", callbacks=callbacks, progress_bar=False, log_to_console=False)
     trainer.fit()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     warm = measure.times[layers + 3:] or measure.times
     return {"peak_rss_mb": round(peak - baseline, 1), "peak_optimizer_state_mb": round(measure.state_bytes / 2**20, 1),
+            "peak_model_state_mb": round(measure.model_state_bytes / 2**20, 1),
             "step_s": round(statistics.median(warm), 4), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=18)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.layers, args.d_model, args.steps)))
+        print(json.dumps(run_one(args.one, args.layers, args.d_model, args.batch_size, args.seq_len, args.steps)))
         return
     results = {}
     for name in SETTINGS:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--layers", str(args.layers), "--d-model",
-                              str(args.d_model), "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+                              str(args.d_model), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+                              "--steps", str(args.steps)], capture_output=True, text=True, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     full = results["full_adamw"]
     ratios = {name: {"peak_rss": round(r["peak_rss_mb"] / full["peak_rss_mb"], 3),
                      "peak_optimizer_state": round(r["peak_optimizer_state_mb"] / full["peak_optimizer_state_mb"], 3),
+                     "peak_model_state": round(r["peak_model_state_mb"] / full["peak_model_state_mb"], 3),
                      "step_time": round(r["step_s"] / full["step_s"], 3)}
               for name, r in results.items() if name != "full_adamw"}
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(json.dumps({"device": device, "layers": args.layers, "d_model": args.d_model, "results": results,
+    print(json.dumps({"device": device, "layers": args.layers, "d_model": args.d_model, "batch_size": args.batch_size,
+                      "seq_len": args.seq_len, "results": results,
                       "ratio_vs_full": ratios}, indent=2))
 
 
