@@ -391,6 +391,14 @@ def _parallelism(config: TrainConfig) -> dict[str, Any] | None:
     return {"fsdp": dict(config.fsdp_config)}
 
 
+def check_activation_checkpointing(config: TrainConfig) -> None:
+    if (config.fsdp_config or {}).get("activation_checkpointing") and config.model.get("activation_checkpointing"):
+        raise ConfigError(
+            "fsdp_config.activation_checkpointing and model.activation_checkpointing: both recompute every block; "
+            "set one of them to false"
+        )
+
+
 def check_precision(config: TrainConfig) -> None:
     if config.precision != "fp32" and not on_gpu():
         raise ConfigError(f"precision: {config.precision} needs a GPU; on CPU use precision=fp32")
@@ -412,6 +420,7 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     """Every check that needs neither the model nor the data loaders; returns each loader's domains.
     Runs in seconds, so a typo fails before anything heavy starts."""
     check_precision(config)
+    check_activation_checkpointing(config)
     check_optimization(config)
     if config.model["name"] == "llama":
         build_llama_config(config.model)

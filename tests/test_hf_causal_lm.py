@@ -262,3 +262,24 @@ def test_from_pretrained_without_config_names_the_path(tmp_path) -> None:
 def test_docstring_example_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert doctest.testmod(hf_causal_lm, raise_on_error=True).attempted > 0
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "llmhift"])
+def test_composer_fsdp_shards_each_decoder_block_as_a_unit(arch: str) -> None:
+    """The units Composer's own FSDP2 policy picks (FSDP1 reads the same hooks): the wrapped model and
+    each of its decoder blocks, nothing else; activation checkpointing picks the blocks."""
+    from composer.distributed.activation_checkpointing import generate_composer_model_check_fn
+    from composer.distributed.fsdp2_utils import generate_composer_model_policy
+
+    from llmhift.models.llama import Block, ComposerLlama
+
+    if arch == "llmhift":
+        model = ComposerLlama(dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, intermediate_size=64))
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+    else:
+        model = build(arch)
+        blocks = [m for m in model.modules() if type(m).__name__ in model.model._no_split_modules]
+    units = generate_composer_model_policy(model)._run_policy(root_module=model, ignored_modules=set(), root_kwargs={})
+    assert len(blocks) == 2 and list(units) == [model.model, *blocks]
+    recomputed = generate_composer_model_check_fn(model)
+    assert [m for m in model.modules() if recomputed(m)] == blocks

@@ -86,6 +86,8 @@ BAD_CONFIGS = [
     (["run_name=null", "autoresume=true"], "autoresume"),
     (["eval_loader.dataset.domains=[code]"], "eval_loader.dataset.domains"),
     (["model.name=mamba"], "model.name"),
+    (["model.activation_checkpointing=true", "fsdp_config={activation_checkpointing: true}"],
+     "fsdp_config.activation_checkpointing"),
 ]
 
 

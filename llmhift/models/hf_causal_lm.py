@@ -74,6 +74,7 @@ class ComposerHFCausalLM(ComposerModel):
         self.d_model = _config_int(model.config, _D_MODEL_NAMES)
         # Counted here, not per batch: under FSDP the parameters are flattened and sharded later.
         self.matmul_params = _matmul_param_count(model)
+        _mark_blocks_for_fsdp(model)
 
     @classmethod
     def from_pretrained(
@@ -132,6 +133,15 @@ class ComposerHFCausalLM(ComposerModel):
     def flops_per_batch(self, batch: Mapping[str, torch.Tensor]) -> int:
         """Training FLOPs of ``batch`` (padding included), which SpeedMonitor turns into FLOP/s and MFU."""
         return transformer_flops_per_batch(self.matmul_params, self.n_layers, self.d_model, batch["input_ids"])
+
+
+def _mark_blocks_for_fsdp(model: nn.Module) -> None:
+    """Composer's FSDP (v1 and v2) asks the ComposerModel's children which submodules to shard as units
+    and to recompute with ``fsdp_config.activation_checkpointing``: the decoder layers (LlamaDecoderLayer,
+    GPT2Block, ...), which transformers lists as the modules never to split across devices."""
+    blocks = frozenset(getattr(model, "_no_split_modules", None) or ())
+    model.fsdp_wrap_fn = lambda module: type(module).__name__ in blocks
+    model.activation_checkpointing_fn = lambda module: type(module).__name__ in blocks
 
 
 def _config_int(config: PretrainedConfig, names: Sequence[str]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -357,6 +358,16 @@ class LlamaModel(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
         return angles.cos(), angles.sin()
 
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """Composer's FSDP (v1 and v2 both ask the ComposerModel's children) shards each decoder block as
+        its own unit, so that one block's weights are gathered at a time rather than the whole model's."""
+        return isinstance(module, Block)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        """The modules ``fsdp_config.activation_checkpointing`` recomputes in backward: whole blocks, as
+        ``model.activation_checkpointing`` does without FSDP (use one of the two, not both)."""
+        return isinstance(module, Block)
+
     def forward(
         self, input_ids: torch.Tensor, masks: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
@@ -394,6 +405,11 @@ class ComposerLlama(ComposerModel):
             batch). Default: ``False``.
         eval_domains (Sequence[str]): domain names, in ``domain_idx`` order, for per-domain eval
             cross-entropy (``<domain>_LanguageCrossEntropy``). Default: none.
+        init_device (str | torch.device, optional): where the decoder's weights are created.
+            ``"meta"`` gives shapes without memory or initialisation, for weights that are loaded
+            (``load_state_dict(..., assign=True)``) or broadcast by FSDP afterwards. The mask source
+            and the metrics are not affected. Default: ``None`` (the current default device, randomly
+            initialised with ``init_std``).
 
     Batches are dicts with ``input_ids`` (B, T) and optionally ``labels`` aligned with them (-100
     where no loss is wanted). Every sequence is treated as causal and unpadded: pad on the right
@@ -412,10 +428,12 @@ class ComposerLlama(ComposerModel):
         mask_source: nn.Module | None = None,
         train_metrics: bool = False,
         eval_domains: Sequence[str] = (),
+        init_device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
         self.config = config if isinstance(config, LlamaConfig) else LlamaConfig.from_dict(config)
-        self.model = LlamaModel(self.config)
+        with torch.device(init_device) if init_device is not None else contextlib.nullcontext():
+            self.model = LlamaModel(self.config)
         self.mask_source = mask_source
         self.train_metrics = eval_metrics() if train_metrics else {}
         self.eval_metrics = {**eval_metrics(), **domain_metrics(eval_domains)}
