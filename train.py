@@ -27,6 +27,7 @@ from llmhift.builders import (
     check_tokenizer,
 )
 from llmhift.config import ConfigError, TrainConfig, device_batch_sizes, load_config
+from llmhift.memory_estimate import ModelShape, default_world_size, estimate_run
 from llmhift.models.l0_module import count_params
 
 
@@ -34,8 +35,9 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def dry_run(config: TrainConfig) -> None:
-    """Validates everything that does not need data or weights and prints the model's size.
+def dry_run(config: TrainConfig, world_size: int = 1) -> None:
+    """Validates everything that does not need data or weights, prints the model's size and the
+    per-GPU memory estimate for ``world_size`` ranks.
 
     Settings are errors; what depends on this machine (data folders, tokenizer, a GPU for amp_*) is
     reported as a note, since a dry run usually happens away from the cluster.
@@ -44,31 +46,37 @@ def dry_run(config: TrainConfig) -> None:
     build_callbacks(config)
     build_loggers(config)
     build_algorithms(config)
-    device_batch_sizes(config, world_size=1, on_gpu=True)
+    device_batch_sizes(config, world_size=world_size, on_gpu=True)
     for check in (check_data, check_tokenizer, check_precision):
         try:
             check(config)
         except ConfigError as err:
             print(f"note: {err} (a real run stops here)")
     if config.model["name"] == "hf_causal_lm":
-        _print_hf_size(config)
+        sized = _print_hf_size(config)
     else:
-        _print_llama_size(config)
+        sized = _print_llama_size(config)
+    if sized is not None:
+        try:
+            print("\n".join(estimate_run(config, *sized, world_size=world_size).lines()))
+        except ValueError as err:
+            print(f"note: no memory estimate: {err}")
 
 
-def _print_hf_size(config: TrainConfig) -> None:
+def _print_hf_size(config: TrainConfig) -> tuple[torch.nn.Module, ModelShape] | None:
     folder = Path(config.model.get("pretrained") or "")
     if not (folder / "config.json").is_file():
         print(f"note: model.pretrained: {folder} holds no config.json, so the model's size is unknown "
               "(a real run stops here)")
-        return
+        return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
     total = _count(model.parameters())
     print(f"model: hf_causal_lm {model.config.model_type}, {total:,} parameters ({total / 1e9:.3f}B)")
+    return model, ModelShape.from_hf(model.config)
 
 
-def _print_llama_size(config: TrainConfig) -> None:
+def _print_llama_size(config: TrainConfig) -> tuple[torch.nn.Module, ModelShape]:
     without_weights = dataclasses.replace(config, model={k: v for k, v in config.model.items() if k != "pretrained"})
     with torch.device("meta"):
         model = build_model(without_weights)
@@ -85,18 +93,24 @@ def _print_llama_size(config: TrainConfig) -> None:
         print(f"pruning: source {source_count:,} ({source_count / 1e9:.2f}B) -> target {target_count:,} "
               f"({target_count / 1e9:.2f}B): d_model {target.d_model}, heads {target.n_heads} "
               f"(kv {target.n_kv_heads}), layers {target.n_layers}, intermediate {target.intermediate_size}")
+    return model, ModelShape.from_llama(llama)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("yaml")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
-    parser.add_argument("--dry-run", action="store_true", help="validate, print parameter counts, and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, print parameter counts and a per-GPU memory estimate, and exit")
+    parser.add_argument("--world-size", type=int, default=default_world_size(), metavar="N",
+                        help="ranks the dry run's memory estimate assumes (default: $WORLD_SIZE, else 1)")
     args = parser.parse_intermixed_args(argv)  # --dry-run may come anywhere among the overrides
+    if args.world_size < 1:
+        parser.error(f"--world-size: must be a positive number of ranks, got {args.world_size}")
     try:
         config = load_config(args.yaml, args.overrides)
         if args.dry_run:
-            dry_run(config)
+            dry_run(config, args.world_size)
             return 0
         trainer = build_trainer(config)
     except ConfigError as err:

@@ -1,0 +1,427 @@
+"""Per-GPU memory of a training run, estimated before launch: weights, gradients, optimizer state,
+activations, and the transient working set on top of them.
+
+``python train.py YAML --dry-run --world-size 8`` prints it. Everything here is arithmetic on counts
+(parameters, shapes, micro-batch, sharding), so the estimate for a 7B yaml takes no memory itself.
+
+Where the bytes go (per GPU, W ranks):
+
+* weights: the stored parameters, fp32 (4 B) unless HiFT stores them in ``param_dtype`` (2 B) and keeps
+  an fp32 master copy of the active group only. ``amp_bf16`` keeps fp32 weights: autocast computes
+  in bf16 from them (its bf16 copies are saved for backward, so they count under activations).
+* gradients: one fp32 gradient per trained parameter (FSDP's sharded gradient is fp32 too).
+* optimizer: AdamW and DecoupledAdamW keep two fp32 moments per trained parameter and one fp32
+  step counter per parameter tensor.
+* FSDP ``FULL_SHARD`` divides weights, gradients and optimizer state by W; ``SHARD_GRAD_OP`` divides
+  gradients and optimizer state; ``NO_SHARD`` (and no FSDP) divides nothing.
+* HiFT (``callbacks.hift``): gradients and optimizer state of the largest group trained at once (the
+  other groups' optimizer state waits in host memory, reported as ``host``).
+* activations: what autograd saves in one micro-batch's forward, and the logits the Trainer holds
+  until backward; see :func:`activation_bytes`.
+* working: transient peaks that add to the above at some point of the step: the weights FSDP
+  gathers (and their unsharded gradients), and the larger of one checkpointed block recomputed in
+  backward and the gradient buffers of the loss (freed before the first block is rebuilt).
+
+Not counted: the CUDA context and allocator fragmentation (typically 1-3 GB), data-loader buffers,
+communication buckets, and eval (which saves no activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Collection, Optional, Sequence
+
+from torch import nn
+
+from llmhift.models.llama import LlamaConfig
+
+__all__ = [
+    "ModelShape",
+    "Masking",
+    "Activations",
+    "MemoryEstimate",
+    "OPTIMIZER_MOMENTS",
+    "SHARDING_STRATEGIES",
+    "activation_bytes",
+    "state_bytes",
+    "estimate_run",
+    "default_world_size",
+]
+
+GiB = 2**30
+FP32, HALF, INDEX = 4, 2, 8  # bytes of an fp32 value, a bf16/fp16 value, an int64 index
+# Optimizer -> fp32 state tensors of a parameter's size (both AdamW flavours: exp_avg, exp_avg_sq).
+OPTIMIZER_MOMENTS = {"decoupled_adamw": 2, "adamw": 2}
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions activation memory depends on."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+
+    @classmethod
+    def from_llama(cls, config: LlamaConfig) -> "ModelShape":
+        return cls(config.d_model, config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim,
+                   config.intermediate_size, config.vocab_size)
+
+    @classmethod
+    def from_hf(cls, config: Any) -> "ModelShape":
+        """A LLaMA-family Hugging Face config (llama, mistral, qwen2, ...)."""
+        heads = config.num_attention_heads
+        return cls(config.hidden_size, config.num_hidden_layers, heads,
+                   getattr(config, "num_key_value_heads", None) or heads,
+                   getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   config.intermediate_size, config.vocab_size)
+
+    @property
+    def attn_width(self) -> int:
+        return self.n_heads * self.head_dim
+
+    def matrices(self) -> dict[str, int]:
+        """Elements of each weight matrix of one block."""
+        d, kv = self.d_model, self.n_kv_heads * self.head_dim
+        return {"wq": d * self.attn_width, "wk": d * kv, "wv": d * kv, "wo": self.attn_width * d,
+                "w_gate": d * self.intermediate_size, "w_up": d * self.intermediate_size,
+                "w_down": self.intermediate_size * d}
+
+
+@dataclass(frozen=True)
+class Masking:
+    """What L0 pruning masks add to a forward (``model.l0_module``).
+
+    ``wo_rows``/``wo_columns`` (and the ``w_down`` pair): whether a mask scales that matrix's output
+    rows (head_layer/mlp, layer, hidden gates) or input columns (head, intermediate masks). ``hidden``:
+    the embedding output is masked. ``entries``: mask table entries (the L0 parameters).
+    """
+
+    wo_rows: bool
+    wo_columns: bool
+    w_down_rows: bool
+    w_down_columns: bool
+    hidden: bool
+    entries: int
+
+    @classmethod
+    def from_modules(cls, pruning_modules: Sequence[str], entries: int) -> "Masking":
+        modules = set(pruning_modules)
+        gates = {"layer", "hidden"}
+        return cls(wo_rows=bool(modules & (gates | {"head_layer"})), wo_columns="head" in modules,
+                   w_down_rows=bool(modules & (gates | {"mlp"})), w_down_columns="intermediate" in modules,
+                   hidden="hidden" in modules, entries=entries)
+
+
+@dataclass(frozen=True)
+class Activations:
+    saved: int  # saved for backward by one micro-batch's forward, plus the logits
+    recompute: int  # one checkpointed block's saved tensors, rebuilt during backward (0 without)
+    logits_grad: int  # the loss backward's gradient buffers around the logits
+
+
+def _norm_bytes(d: int, residual: int, compute: int, *, input_grad: bool, weight_grad: bool,
+                consumers: int) -> int:
+    """One RMSNorm per token. It computes in fp32 (``x.float()``: x itself when the residual is fp32,
+    a new copy when it is bf16) and returns ``weight * normed``. ``consumers``: the matmuls reading
+    its output that need their input (trained ones)."""
+    total = 0
+    if input_grad:
+        total += FP32 * d + FP32  # x (saved by pow and by the multiply with rsqrt) and rsqrt
+    if weight_grad:
+        total += residual * d  # normed, cast back to the residual dtype, for the weight's gradient
+    if consumers and residual == compute:
+        total += compute * d  # the output, saved once by all the matmuls that read it
+    elif consumers:
+        total += consumers * compute * d  # under autocast each matmul casts it and saves its copy
+    return total
+
+
+def _block_bytes_per_token(shape: ModelShape, residual: int, compute: int, trained: bool, input_grad: bool) -> int:
+    """Saved bytes of one decoder block per token (sdpa attention, SwiGLU MLP). ``trained``: its
+    weights get gradients; ``input_grad``: its input needs one (false only for the lowest trained
+    block of a HiFT group above a frozen embedding)."""
+    d, attn, inter = shape.d_model, shape.attn_width, shape.intermediate_size
+    norms = (_norm_bytes(d, residual, compute, input_grad=input_grad, weight_grad=trained, consumers=3 * trained)
+             + _norm_bytes(d, residual, compute, input_grad=True, weight_grad=trained, consumers=2 * trained))
+    # sdpa saves q, k, v (k and v repeated to all query heads under GQA) and its output, which wo
+    # reads as a view, plus one fp32 log-sum-exp per head.
+    attention = 4 * attn * compute + FP32 * shape.n_heads
+    # gate (silu's input), silu(gate), up, and their product (w_down's input); a frozen w_down does
+    # not need its input.
+    mlp = (4 if trained else 3) * inter * compute
+    return norms + attention + mlp
+
+
+def _block_weight_bytes(shape: ModelShape, weight: int, compute: int, masking: Optional[Masking]) -> int:
+    """Weight-sized tensors one block saves: autocast's bf16 copies of fp32 weights, and the masked
+    copies of wo / w_down that pruning multiplies (``weight * rows * columns``, each factor saved)."""
+    casts = compute != weight  # autocast casts every weight it multiplies and saves the copy
+    total = 0
+    for name, size in shape.matrices().items():
+        rows = getattr(masking, f"{name}_rows", False) if masking else False
+        columns = getattr(masking, f"{name}_columns", False) if masking else False
+        if rows and columns:
+            total += size * weight  # weight * rows, saved by the multiply with the columns
+        if rows or columns or casts:
+            total += size * compute  # what the matmul saves: the masked product (or its cast)
+    return total
+
+
+def activation_bytes(
+    shape: ModelShape,
+    micro_batch: int,
+    seq_len: int,
+    *,
+    weight: int = FP32,
+    amp: bool = False,
+    checkpointing: bool = False,
+    masking: Optional[Masking] = None,
+    trained_units: Optional[Collection[str]] = None,
+    tied_embeddings: bool = False,
+) -> Activations:
+    """Bytes autograd saves in one training forward of ComposerLlama (sdpa attention).
+
+    ``weight`` is the byte size of the weights the forward computes with (2 when FSDP gathers them in
+    bf16 or HiFT stores them in bf16); ``amp`` runs the matmuls in bf16 under autocast. The residual
+    stream has the dtype of the embedding weights, the matmul outputs bf16 under ``amp``.
+
+    Per decoder block and token (d_model d, H query heads of head_dim hd, intermediate I; r, c the
+    byte sizes of the residual stream and of the matmul outputs), what each op saves for backward:
+
+    * each RMSNorm: its input (fp32; when r = 2, the fp32 copy ``x.float()``) 4d, rsqrt 4 B,
+      ``normed`` rd for the weight's gradient, and its output cd, shared by the matmuls that read it;
+      under autocast with an fp32 residual each matmul casts the output itself, so attention's norm
+      saves three bf16 copies (wq, wk, wv) and the MLP's two (w_gate, w_up);
+    * attention: sdpa's q, k, v, output (4 H hd c; GQA keys and values are repeated to H heads
+      before sdpa, the un-repeated ones are not saved) and an fp32 log-sum-exp per head (4H); wo
+      reads sdpa's output as a view; rotary embedding saves only the cos/sin tables;
+    * MLP: w_gate's output (silu's input), silu's output, w_up's output and their product, 4 I c.
+
+    With fp32 and no autocast that is (6d + 4 H hd + 4I) x 4 B + 4H + 8 B per token and block.
+    Around the blocks: the token ids (8 B) for the embedding's gradient, the final norm, the logits
+    (V c, held by the Trainer until backward), ``log_softmax``'s fp32 output (4V) and the targets
+    (8 B). Masks (pruning) add the embedding output before the hidden mask (rd), the masked copies
+    of wo and w_down per block (:func:`_block_weight_bytes`) and two fp32 values per mask entry.
+    On CPU this matches ``saved_tensors_hooks`` to a few scalars per layer, fp32 and autocast
+    alike (tests/test_memory_estimate.py); on CUDA, flash attention saves the same tensors.
+
+    A pruned model's layers without an attention or MLP sublayer (``layers_without_attn``) are
+    counted whole: an upper bound.
+
+    ``checkpointing`` (``model.activation_checkpointing``, or ``fsdp_config.activation_checkpointing``
+    which wraps the same blocks): a block saves only its input (rd per token); backward rebuilds
+    one block at a time, which ``recompute`` reports.
+
+    ``trained_units`` (HiFT's active group; default: all): names among ``embedding``, ``block.<i>``,
+    ``norm``, ``head``. Blocks below the lowest trained unit save nothing (no gradient flows there);
+    frozen blocks above it save only what their input's gradient needs: no matmul inputs, no
+    ``normed``, three MLP tensors.
+    """
+    s, tokens = shape, micro_batch * seq_len
+    r, c = weight, HALF if amp else weight  # residual stream, matmul outputs
+    blocks = [f"block.{i}" for i in range(s.n_layers)]
+    units = set(trained_units) if trained_units is not None else {"embedding", *blocks, "norm", "head"}
+    embedding = "embedding" in units
+    lowest = 0 if embedding else next((i for i, b in enumerate(blocks) if b in units), s.n_layers)
+    rope = 2 * seq_len * s.head_dim  # the cos and sin tables (T, hd)
+
+    saved = recompute = 0
+    for i in range(lowest, s.n_layers):
+        trained = blocks[i] in units
+        full = _block_bytes_per_token(s, r, c, trained, input_grad=embedding or i > lowest) * tokens
+        full += _block_weight_bytes(s, weight, c, masking if trained else None)
+        full += rope * c if c != FP32 else 0  # bf16 copies of the tables, made in every block
+        if checkpointing:
+            saved += r * s.d_model * tokens  # the block's input
+            recompute = max(recompute, full)
+        else:
+            saved += full
+    if lowest < s.n_layers and (c == FP32 or checkpointing):
+        saved += rope * FP32  # the fp32 tables, made once per forward (saved as a block input)
+
+    if embedding:
+        saved += INDEX * tokens
+    if masking is not None:
+        saved += 2 * FP32 * masking.entries  # the sampled gates: sigmoid's output, the clamp's input
+        saved += r * s.d_model * tokens if masking.hidden else 0  # the embedding output, before its mask
+    head = "head" in units or (tied_embeddings and embedding)
+    saved += _norm_bytes(s.d_model, r, c, input_grad=embedding or lowest < s.n_layers,
+                         weight_grad="norm" in units, consumers=int(head)) * tokens
+    if c != weight:
+        saved += s.vocab_size * s.d_model * c  # autocast's copy of the head (or the tied embedding)
+    saved += (c + FP32) * s.vocab_size * tokens + INDEX * tokens  # logits, log_softmax, targets
+    # backward of the loss: the gradient at the log-softmax output and at its input (fp32 each)
+    return Activations(saved=saved, recompute=recompute, logits_grad=2 * FP32 * s.vocab_size * tokens)
+
+
+def state_bytes(params: int, tensors: int, trained_params: int, trained_tensors: int, *, optimizer: str,
+                weight: int = FP32, master_params: int = 0, world_size: int = 1,
+                sharding: Optional[str] = None) -> dict[str, int]:
+    """Bytes of weights, gradients and optimizer state per GPU.
+
+    ``params``/``tensors``: every parameter (elements / tensors), stored in ``weight`` bytes each;
+    ``trained_*``: those with gradients and optimizer state on the GPU at once (all of them, or the
+    largest HiFT group); ``master_params``: fp32 master copies (HiFT with ``param_dtype``).
+    """
+    if optimizer not in OPTIMIZER_MOMENTS:
+        raise ValueError(f"optimizer.name: no memory model for {optimizer!r}; known: {sorted(OPTIMIZER_MOMENTS)}")
+    if sharding is not None and sharding not in SHARDING_STRATEGIES:
+        raise ValueError(f"fsdp_config.sharding_strategy: {sharding!r} is not one of {SHARDING_STRATEGIES}")
+    split = world_size if sharding in ("FULL_SHARD", "SHARD_GRAD_OP") else 1
+    weights_split = world_size if sharding == "FULL_SHARD" else 1
+    moments = OPTIMIZER_MOMENTS[optimizer]
+    return {
+        "weights": math.ceil((params * weight + master_params * FP32) / weights_split),
+        "gradients": math.ceil(trained_params * FP32 / split),
+        "optimizer": math.ceil((trained_params * moments * FP32 + trained_tensors * FP32) / split),
+    }
+
+
+@dataclass
+class MemoryEstimate:
+    """The estimate for one rank, in bytes, with what each figure assumes."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    working: int
+    host: int = 0
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    heading: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.working
+
+    def lines(self) -> list[str]:
+        rows = [self.heading]
+        for key in ("weights", "gradients", "optimizer", "activations", "working", "total"):
+            value = self.total if key == "total" else getattr(self, key)
+            rows.append(f"  {key:<12}{value / GiB:8.2f} GiB  {self.notes.get(key, '')}".rstrip())
+        if self.host:
+            rows.append(f"  {'host':<12}{self.host / GiB:8.2f} GiB  {self.notes.get('host', '')}".rstrip())
+        return rows
+
+
+def default_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (what Composer's launcher sets), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _hift_groups(model: nn.Module, section: dict[str, Any]) -> list[tuple[list[nn.Parameter], list[str]]]:
+    """Each group HiFT trains at once (a cycled group plus ``always_active``), formed as
+    :class:`~llmhift.callbacks.hift.HiFTCallback` forms them at INIT: (its parameters, its unit names)."""
+    from llmhift.callbacks.hift import HiFTCallback
+
+    units = HiFTCallback.find_units(model)
+    named = dict(model.named_parameters())
+    n = len(units)
+    frozen = {u % n for u in section.get("freeze_layers", ())}
+    always = sorted({u % n for u in section.get("always_active", ())})
+    cycled = [u for u in range(n) if u not in frozen and u not in always]
+    size = section.get("group_element", 1)
+    groups = [cycled[i : i + size] + always for i in range(0, len(cycled), size)]
+    return [([named[name] for u in group for name in units[u][1]], [units[u][0] for u in group]) for group in groups]
+
+
+def _numel(params: Sequence[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: int) -> MemoryEstimate:
+    """The estimate for a TrainConfig and its model, built on the meta device (only counts are read).
+
+    ``model`` is what the optimizer trains: ComposerLlama with its L0 module, or the Hugging Face
+    model that ComposerHFCausalLM wraps; ``shape`` its dimensions (the activation formula is
+    ComposerLlama's; Hugging Face LLaMA-family models save the same tensors).
+    """
+    optimizer = config.optimizer.name
+    if optimizer not in OPTIMIZER_MOMENTS:
+        raise ValueError(f"optimizer.name: no memory model for {optimizer!r}")
+    fsdp = dict(config.fsdp_config or {})
+    sharding = fsdp.get("sharding_strategy", "FULL_SHARD") if config.fsdp_config else None
+    amp = config.precision != "fp32"
+    hift = dict(config.callbacks["hift"] or {}) if "hift" in config.callbacks else None
+    stored = HALF if hift and hift.get("param_dtype") else FP32
+    computed = stored
+    if amp and fsdp and str(fsdp.get("mixed_precision", "DEFAULT")).upper() in ("DEFAULT", "PURE"):
+        computed = HALF  # Composer's FSDP gathers the weights in the autocast dtype
+    micro = config.device_train_microbatch_size
+    micro = config.global_train_batch_size // world_size if micro in (None, "auto") else micro  # auto: at most that
+    seq_len = config.train_loader.dataset.max_seq_len or config.model.get("max_seq_len")
+    if not seq_len:
+        raise ValueError("train_loader.dataset.max_seq_len: needed for the activation estimate")
+    checkpointing = bool(config.model.get("activation_checkpointing") or fsdp.get("activation_checkpointing"))
+    l0 = getattr(model, "mask_source", None)
+    masking = None if l0 is None else Masking.from_modules(l0.pruning_modules, _numel(list(l0.z_loga.values())))
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    kwargs = dict(weight=computed, amp=amp, checkpointing=checkpointing, tied_embeddings=tied)
+
+    params = list(model.parameters())
+    if hift is None:
+        trained, others, master = params, [], 0
+        acts = activation_bytes(shape, micro, seq_len, masking=masking, **kwargs)
+    else:
+        groups = _hift_groups(model, hift)
+        trained = max((g for g, _ in groups), key=_numel)
+        mine = {id(p) for p in trained}
+        others = list({id(p): p for g, _ in groups for p in g if id(p) not in mine}.values())
+        master = _numel(trained) if stored == HALF else 0
+        acts = max((activation_bytes(shape, micro, seq_len, trained_units=units, **kwargs) for _, units in groups),
+                   key=lambda a: a.saved + a.recompute)
+    state = state_bytes(_numel(params), len(params), _numel(trained), len(trained), optimizer=optimizer,
+                        weight=stored, master_params=master, world_size=world_size, sharding=sharding)
+    gathered = _gathered_bytes(shape, sharding, computed, _numel(params))
+    # The loss backward's buffers are freed before the first block is rebuilt: the larger one counts.
+    working = gathered + max(acts.recompute, acts.logits_grad)
+    host = _numel(others) * OPTIMIZER_MOMENTS[optimizer] * FP32 + len(others) * FP32  # parked HiFT state
+    estimate = MemoryEstimate(**state, activations=acts.saved, working=working, host=host)
+
+    where = f"{sharding} over {world_size} ranks" if sharding else f"no FSDP, {world_size} rank(s)"
+    estimate.heading = (f"memory per GPU (estimate): {where}, {config.precision}, {optimizer}, micro-batch "
+                        f"{micro} x {seq_len} tokens{', activation checkpointing' if checkpointing else ''}")
+    split = f" / {world_size} ranks" if sharding in ("FULL_SHARD", "SHARD_GRAD_OP") and world_size > 1 else ""
+    l0_count = _numel(list(l0.parameters())) if l0 is not None else 0
+    scope = f"HiFT's largest group, {_numel(trained):,}" if hift is not None else f"{_numel(trained):,}"
+    estimate.notes = {
+        "weights": (f"{_numel(params):,} parameters" + (f" ({l0_count:,} of them L0 masks)" if l0_count else "")
+                    + f", {'bf16' if stored == HALF else 'fp32'}" + (split if sharding == "FULL_SHARD" else "")
+                    + (f", + fp32 master of {master:,}" if master else "")),
+        "gradients": f"fp32, {scope} parameters{split}",
+        "optimizer": f"{OPTIMIZER_MOMENTS[optimizer]} fp32 moments + a step per tensor, {scope} parameters{split}",
+        "activations": (f"saved for backward, {'bf16' if computed == HALF or amp else 'fp32'} compute"
+                        f"{', masked weights' if masking else ''}{', HiFT worst group' if hift is not None else ''}"
+                        ", and the logits"),
+        "working": ("weights FSDP gathers and their gradients, " if gathered else "")
+                   + ("one block recomputed" if acts.recompute > acts.logits_grad else "the logits' gradient"),
+        "host": "optimizer state of the other HiFT groups, in CPU memory",
+    }
+    return estimate
+
+
+def _gathered_bytes(shape: ModelShape, sharding: Optional[str], computed: int, n_params: int) -> int:
+    """Unsharded weights FSDP holds at its peak, with their unsharded gradients before the
+    reduce-scatter. Each decoder block is its own FSDP unit (``fsdp_wrap_fn``); the rest of the
+    decoder (embeddings, final norm, head) is one unit, gathered through the whole forward (around
+    the blocks) and again through the whole backward; the L0 masks are a few more parameters."""
+    if sharding is None:
+        return 0
+    if sharding == "NO_SHARD":
+        return n_params * computed if computed != FP32 else 0  # FSDP's low-precision copy
+    if sharding == "SHARD_GRAD_OP":
+        return 2 * n_params * computed  # gathered from forward to the end of backward, and the gradients
+    block = sum(shape.matrices().values()) + 2 * shape.d_model
+    outer = n_params - shape.n_layers * block
+    # the outer unit, the block computing and the next one prefetched; the gradients of the outer unit
+    # and of one block
+    return (outer + 2 * block) * computed + (outer + block) * computed
