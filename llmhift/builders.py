@@ -23,7 +23,8 @@ from composer.optim import (
     DecoupledAdamW,
     LinearWithWarmupScheduler,
 )
-from composer.utils import dist, reproducibility
+from composer.utils import FSDP2Config, dist, reproducibility
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
@@ -34,7 +35,7 @@ from llmhift.config import ConfigError, LoaderConfig, TrainConfig, device_batch_
 from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.datasets.instruction import InstructionDataset, check_instruction_dataset
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
-from llmhift.datasets.text import DataFolderError, MultiDomainTextDataset, find_domains, sequence_length
+from llmhift.datasets.text import DataFolderError, EverySample, MultiDomainTextDataset, find_domains, sequence_length
 from llmhift.loggers import JsonlLogger
 from llmhift.models.hf_adapter import ConversionError, infer_llama_config
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
@@ -229,10 +230,12 @@ def build_l0_module(config: TrainConfig) -> L0Module | None:
 
 
 def _load_pretrained_llama(model: ComposerLlama, path: str) -> None:
-    """Loads weights strictly; the checkpoint's shapes must be the yaml's (a 7B checkpoint does not
-    silently half-load into a 1.3B yaml)."""
-    if not Path(path).exists():
-        raise ConfigError(f"model.pretrained: {path} does not exist")
+    """Fills a decoder built on the meta device with a checkpoint's weights, strictly: the checkpoint's
+    shapes must be the yaml's (a 7B checkpoint does not silently half-load into a 1.3B yaml).
+
+    The checkpoint is memory-mapped and each tensor is copied into a parameter of its own (cast to the
+    parameter's dtype) as it is reached, so memory peaks at one copy of the weights, with no random
+    initialisation to overwrite first."""
     try:
         weights = read_llama_weights(path)
         shape = {k: getattr(model.config, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads",
@@ -241,17 +244,34 @@ def _load_pretrained_llama(model: ComposerLlama, path: str) -> None:
         infer_llama_config(weights, shape)
     except ConversionError as err:
         raise ConfigError(f"model.pretrained: {path}: {err}") from None
-    model.model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()}, strict=True)
+    # A tied head is the embedding itself (no lm_head parameter), so assigning cannot untie it.
+    loaded = {
+        name: torch.empty(meta.shape, dtype=meta.dtype).copy_(weights.pop(f"model.{name}"))
+        for name, meta in model.model.state_dict().items()
+    }
+    model.model.load_state_dict(loaded, strict=True, assign=True)
 
 
 def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> ComposerModel:
+    """The yaml's model. A llama with ``model.pretrained`` is built on the meta device and filled from
+    the checkpoint. Under FSDP only rank 0 materialises the decoder (reading the checkpoint, or
+    initialising at random); the other ranks leave it on the meta device and read nothing, and
+    Composer broadcasts rank 0's weights into every rank's shards while wrapping (FSDP2 turns
+    ``sync_module_states`` on by itself when it sees rank 0 materialised and the others not; FSDP1
+    gets it from ``_parallelism``). A node thus holds one copy of the weights, not one per rank.
+    DDP and single-process runs load on every rank."""
     section = dict(config.model)
     name = section["name"]
     if name == "llama":
+        pretrained = section.get("pretrained")
+        if pretrained and not Path(pretrained).exists():  # every rank checks: a stat, not a read
+            raise ConfigError(f"model.pretrained: {pretrained} does not exist")
+        broadcast = bool(config.fsdp_config) and dist.get_global_rank() != 0
         model = ComposerLlama(build_llama_config(section), mask_source=build_l0_module(config),
-                              eval_domains=eval_domains or ())
-        if section.get("pretrained"):
-            _load_pretrained_llama(model, section["pretrained"])
+                              eval_domains=eval_domains or (),
+                              init_device="meta" if pretrained or broadcast else None)
+        if pretrained and not broadcast:
+            _load_pretrained_llama(model, pretrained)
         return model
     if name == "hf_causal_lm":
         kwargs = {k: v for k, v in section.items() if k not in ("name", "pretrained")}
@@ -320,6 +340,9 @@ def build_dataloader(loader: LoaderConfig, domains: list[str], batch_size: int) 
             shuffle=dataset.shuffle,
             shuffle_seed=dataset.shuffle_seed,
         )
+        if not loader.drop_last:  # an eval: every sample once over all ranks (see EverySample)
+            text = EverySample(text)
+            sampler = dist.get_sampler(text, shuffle=dataset.shuffle, seed=dataset.shuffle_seed, drop_last=False)
     workers = loader.num_workers
     return DataLoader(
         text,
@@ -349,7 +372,9 @@ def build_optimizer(config: TrainConfig, model: ComposerModel) -> torch.optim.Op
 
 def _pruning_param_groups(model: ComposerModel, lag_lr: float) -> list[dict[str, Any]]:
     """Model weights at ``lr``; mask log-alphas at ``lag_lr``; lambdas at ``-lag_lr`` (gradient ascent).
-    ``fixed_lr`` tells PruningCallback to hold a group at that rate whatever the LR schedule does."""
+    ``fixed_lr`` tells PruningCallback to hold a group at that rate whatever the LR schedule does.
+    Under FSDP2 Composer swaps each parameter for its sharded DTensor by name and keeps every other
+    key of its group, so the three groups and their rates survive sharding."""
     l0 = model.mask_source
     lambdas = [*l0.lambda_1.values(), *l0.lambda_2.values()]
     own = {id(p) for p in l0.parameters()}
@@ -380,15 +405,53 @@ def check_optimization(config: TrainConfig) -> None:
         raise ConfigError(f"scheduler.name: {config.scheduler.name!r} is not one of {SCHEDULERS}")
 
 
+def _average_gloo_fsdp2_gradients(model: torch.nn.Module) -> None:
+    """FSDP2 averages gradients with a reduce-scatter asking for ``ReduceOp.AVG``, which torch 2.7's gloo
+    backend silently treats as a sum (pytorch/pytorch#162338): CPU ranks would step with world-size times
+    the gradient. Where a one-element probe shows the sum, FSDP2 divides right after its reduce-scatter."""
+    if not any(isinstance(m, FSDPModule) for m in model.modules()) or torch.distributed.get_backend() != "gloo":
+        return
+    world = dist.get_world_size()
+    probe = torch.empty(1)
+    torch.distributed.reduce_scatter_tensor(probe, torch.ones(world), op=torch.distributed.ReduceOp.AVG)
+    if probe.item() == world:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_all_reduce_hook(lambda grad: grad.div_(world))
+
+
+def fsdp_version() -> int:
+    """FSDP2 unless ``FSDP_VERSION=1``: its per-parameter sharding lets HiFT freeze and unfreeze single
+    tensors and lets the pruning callback read the L0 module, which FSDP1's flat parameters hide, and
+    it is the FSDP that runs on CPU. Composer's own default is FSDP1; llmhift's train.py is not."""
+    return 1 if os.environ.get("FSDP_VERSION", "2") == "1" else 2
+
+
+# FSDP1's sharding strategies in FSDP2's terms: FSDP2 always shards parameters, gradients and optimizer
+# state; it can keep a block's gathered parameters from forward to backward (SHARD_GRAD_OP's trade).
+_RESHARD_AFTER_FORWARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
+
+
 def _parallelism(config: TrainConfig) -> dict[str, Any] | None:
     if not config.fsdp_config:
         return None
-    if not on_gpu() and os.environ.get("FSDP_VERSION") != "2":
+    fsdp = dict(config.fsdp_config)
+    if fsdp_version() == 1:
+        if not on_gpu():
+            raise ConfigError("fsdp_config: FSDP_VERSION=1 (Composer's FSDP1) needs CUDA; unset it to use FSDP2")
+        # build_model leaves ranks > 0 on the meta device; FSDP1 fills them from rank 0 only when told.
+        fsdp.setdefault("sync_module_states", True)
+        return {"fsdp": fsdp}
+    strategy = fsdp.pop("sharding_strategy", "FULL_SHARD")
+    if strategy not in _RESHARD_AFTER_FORWARD:
         raise ConfigError(
-            "fsdp_config: Composer's default FSDP (v1) needs CUDA; on CPU run with FSDP_VERSION=2 "
-            "or remove fsdp_config"
+            f"fsdp_config.sharding_strategy: {strategy!r} has no FSDP2 equivalent; use one of "
+            f"{sorted(_RESHARD_AFTER_FORWARD)} (or FSDP_VERSION=1 on GPUs)"
         )
-    return {"fsdp": dict(config.fsdp_config)}
+    fsdp.setdefault("reshard_after_forward", _RESHARD_AFTER_FORWARD[strategy])
+    # FSDP2 decides by itself to broadcast rank 0's weights when the other ranks are on meta.
+    fsdp.pop("sync_module_states", None)
+    return {"fsdp": FSDP2Config.from_compatible_attrs(fsdp)}
 
 
 def check_activation_checkpointing(config: TrainConfig) -> None:
@@ -450,7 +513,7 @@ def build_trainer(config: TrainConfig) -> Trainer:
     reproducibility.seed_all(config.seed)  # the initial weights (and L0 masks) follow the yaml's seed
     model = build_model(config, domains.get("eval_loader"))
     save_resolved_config(config)
-    return Trainer(
+    trainer = Trainer(
         run_name=config.run_name,
         seed=config.seed,
         model=model,
@@ -480,3 +543,5 @@ def build_trainer(config: TrainConfig) -> Trainer:
         console_log_interval=config.console_log_interval,
         dist_timeout=config.dist_timeout,
     )
+    _average_gloo_fsdp2_gradients(trainer.state.model)  # the Trainer has applied FSDP by now
+    return trainer

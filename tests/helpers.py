@@ -9,14 +9,16 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import pytest
 from composer import Callback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Launch variables a parent run (say, pytest started under composer or torchrun) could leak into ours.
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Launch variables a parent run (say, pytest started under composer or torchrun) could leak into ours,
+# and the FSDP version a developer's shell may set.
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+             "FSDP_VERSION")
 
 
 class CrashAt(Callback):
@@ -50,7 +52,7 @@ def launch_ranks(
 ) -> subprocess.CompletedProcess:
     """``composer -n world_size script args...`` from the repo root, in its own process group so that a
     hang is killed whole (launcher and ranks) and nothing else is touched. ``env`` adds variables
-    (``{"FSDP_VERSION": "2"}`` for FSDP2). Each rank's output goes to ``logs/rank{N}.std{out,err}``."""
+    (``{"FSDP_VERSION": "2"}`` for FSDP2 in a Trainer of the script's own; train.py uses it by default). Each rank's output goes to ``logs/rank{N}.std{out,err}``."""
     logs.mkdir(parents=True, exist_ok=True)
     composer = Path(sys.executable).parent / "composer"  # the launcher of this interpreter's Composer
     launcher = [str(composer)] if composer.exists() else [sys.executable, "-m", "composer.cli"]
@@ -80,3 +82,65 @@ def launch_ranks(
             output, _ = process.communicate()
         pytest.fail(f"{' '.join(command)} did not finish in {timeout} s:\n{output[-4000:]}{rank_logs(logs)}")
     return subprocess.CompletedProcess(command, process.returncode, output, None)
+
+
+def sharded_crash_resume_and_single(
+    script: str, yaml: str, overrides: Callable[[str], list[str]], tmp: Path, crash_at: int, timeout: float,
+    read: Callable[[Path], Any], record: str = "rank{rank}.json",
+) -> dict[str, list[Any]]:
+    """The three runs the FSDP2 tests compare, of a rank script taking ``OUT [--crash-at N] YAML
+    overrides...`` and writing ``OUT/<record>`` per rank: ``first`` (2 ranks, sharded checkpoints,
+    crashing at batch ``crash_at``), ``resumed`` (the same 2 ranks, autoresuming from the sharded
+    checkpoint) and ``single`` (one process, no FSDP). ``overrides(name)`` gives a run's yaml overrides
+    (``fsdp`` for the two launches, which share a save folder); ``read`` loads one record."""
+    sharded = ["fsdp_config={sharding_strategy: FULL_SHARD, state_dict_type: sharded}"]
+    launches = {"first": ["--crash-at", str(crash_at), yaml], "resumed": [yaml, "autoresume=true"]}
+    records = {}
+    for name, args in launches.items():
+        out, logs = tmp / "out" / name, tmp / "logs" / name
+        process = launch_ranks(script, [str(out), *args, *overrides("fsdp"), *sharded], logs, timeout)
+        assert process.returncode == 0, process.stdout[-4000:] + rank_logs(logs)
+        records[name] = [read(out / record.format(rank=r)) for r in range(2)]
+    out = tmp / "out" / "single"
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env["OMP_NUM_THREADS"] = "1"  # one thread, like each rank of the launches above
+    process = subprocess.run([sys.executable, script, str(out), yaml, *overrides("single")], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=timeout)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    records["single"] = [read(out / record.format(rank=0))]
+    return records
+
+
+def run_train_main(argv: list[str], setup: Callable[[Any], None] = lambda trainer: None) -> tuple[dict[str, Any], int]:
+    """A rank script's body: ``train.main(argv)`` in this process, with ``setup(trainer)`` called on the
+    Trainer train.py builds (after any autoresume load, before fit). A leading ``--crash-at N`` adds
+    :class:`CrashAt`; the simulated crash is caught. Returns ``({"error", "start_batch", "end_batch"},
+    exit code)``; the repository root must be importable (``train``)."""
+    import train
+
+    crash_at = None
+    if argv and argv[0] == "--crash-at":
+        crash_at, argv = int(argv[1]), argv[2:]
+    record: dict[str, Any] = {"error": None}
+    built: list[Any] = []
+    build_trainer = train.build_trainer
+
+    def build(config):
+        trainer = build_trainer(config)
+        record["start_batch"] = int(trainer.state.timestamp.batch)
+        setup(trainer)
+        if crash_at is not None:
+            trainer.state.callbacks.append(CrashAt(crash_at))
+        built.append(trainer)
+        return trainer
+
+    train.build_trainer = build
+    try:
+        exit_code = train.main(argv)
+    except KeyboardInterrupt as err:
+        record["error"], exit_code = str(err), 0
+    finally:
+        train.build_trainer = build_trainer
+    if built:
+        record["end_batch"] = int(built[0].state.timestamp.batch)
+    return record, exit_code

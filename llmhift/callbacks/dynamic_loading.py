@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any, Sequence
 
@@ -191,7 +192,10 @@ class DynamicLoadingCallback(Callback):
         self._log_weights(logger)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(entry) for entry in self.history]}
+        # One JSON string, not a list of dicts: a sharded (torch distributed) checkpoint flattens dicts
+        # inside lists into one key per entry and loads into the keys of the resuming run's own state,
+        # whose history is still empty, so a list would fail to resume ("Missing key ...history").
+        return {"history": json.dumps(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = [dict(entry) for entry in state["history"]]
+        self.history = [dict(entry) for entry in json.loads(state["history"])]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.distributed.checkpoint as dcp
 from composer import Algorithm, Callback, Event, State
 from composer.loggers import Logger
+from composer.utils.parallelism import FSDP2Config, FSDPConfig
 from torch import nn
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -66,8 +72,16 @@ class HiFTCallback(Callback):
         >>> trainer = Trainer(model=model, optimizers=DecoupledAdamW(model.parameters(), lr=2e-5),
         ...                   callbacks=[HiFTCallback(group_element=2, strategy="random")], ...)
 
-    FSDP: FSDP1 needs ``use_orig_params: true`` (flat parameters cannot mix frozen and trainable
-    tensors); FSDP2 shards per parameter and works as is; ``param_dtype`` is for single-process or DDP.
+    FSDP: FSDP2 (train.py's default; ``FSDP_VERSION=2`` for a Trainer of your own) shards per
+    parameter, so frozen and trainable tensors sit side by side; HiFT looks its parameters up by name
+    once Composer has sharded the model, and the parked optimizer state stays sharded (DTensors, keyed
+    by parameter name). It is saved in Composer's ``sharded`` checkpoints and, on resume, read back
+    from the checkpoint's local folder after Composer's own load (``state_dict_type: full`` is
+    refused: a full optimizer checkpoint cannot be loaded back into an optimizer that holds one
+    group's state). FSDP1 is refused: its flat parameters hold per-rank slices that the callback state
+    could not checkpoint. ``param_dtype`` is refused under FSDP: FSDP2's own mixed precision
+    (``precision: amp_bf16``) already keeps the sharded fp32 weights as the master copy and computes
+    with bf16 copies.
 
     +---------------------+--------------------------------------------------+
     | Key                 | Logged value                                     |
@@ -101,11 +115,13 @@ class HiFTCallback(Callback):
         self.optimizer_state, self.param_dtype = optimizer_state, param_dtype
         self.units: list[tuple[str, list[str]]] = []  # (unit name, parameter names), bottom to top
         self.groups: list[list[int]] = []  # unit indices of each group, bottom to top
-        self._params: dict[str, nn.Parameter] = {}
+        self._model: Optional[nn.Module] = None
+        self._params: dict[str, nn.Parameter] = {}  # by name; rebound once FSDP has replaced them
         self._cycled: set[str] = set()  # every unit parameter not in freeze_layers
         self._always: list[int] = []
         self._active: Optional[set[str]] = None  # parameter names trained now
         self._parked: dict[str, dict[str, Any]] = {}  # inactive parameters' optimizer state, on the CPU
+        self._loaded_keys: list[list[str]] = []  # [name, key] of every state tensor the checkpoint holds
         self._prefetched: dict[str, dict[str, Any]] = {}  # next group's state, already on its way back
         self._master: dict[str, torch.Tensor] = {}  # fp32 weights of the active group (param_dtype)
         self._swapped = False
@@ -166,15 +182,18 @@ class HiFTCallback(Callback):
     # --- events ---------------------------------------------------------------------------------
     def init(self, state: State, logger: Logger) -> None:
         del logger  # unused
-        if not any(isinstance(a, _FindUnusedParameters) for a in state.algorithms):
+        if state.fsdp_config is not None:
+            self._check_fsdp(state.fsdp_config)  # no _FindUnusedParameters: only DDP reads it
+        elif not any(isinstance(a, _FindUnusedParameters) for a in state.algorithms):
             state.algorithms.append(_FindUnusedParameters())  # read by the Trainer after INIT, before DDP
-        model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
-        self.units = self.find_units(model)
-        self._params = dict(model.named_parameters())
+        self._model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
+        self.units = self.find_units(self._model)
+        self._bind()
         frozen = self._indices("freeze_layers", self.freeze_layers)
         self._always = self._indices("always_active", self.always_active)
         if set(frozen) & set(self._always):
-            raise ValueError(f"freeze_layers and always_active: both name units {sorted(set(frozen) & set(self._always))}")
+            both = sorted(set(frozen) & set(self._always))
+            raise ValueError(f"freeze_layers and always_active: both name units {both}")
         cycled = [u for u in range(len(self.units)) if u not in frozen and u not in self._always]
         if not cycled:
             raise ValueError("freeze_layers/always_active: leave no unit to cycle over")
@@ -188,14 +207,33 @@ class HiFTCallback(Callback):
                 for name in names:
                     self._params[name].data = self._params[name].data.to(PARAM_DTYPES[self.param_dtype])
 
+    def _check_fsdp(self, config: FSDPConfig | FSDP2Config) -> None:
+        if isinstance(config, FSDPConfig):
+            raise ValueError("fsdp_config: HiFT needs FSDP2 (train.py's default: unset FSDP_VERSION=1; with a Trainer "
+                             "of your own, set FSDP_VERSION=2); FSDP1's "
+                             "flat parameters keep per-rank slices that HiFT cannot park and checkpoint by name")
+        if self.param_dtype is not None:
+            raise ValueError("callbacks.hift.param_dtype: not supported under FSDP; drop it and set precision: "
+                             "amp_bf16: FSDP2's mixed precision keeps the sharded fp32 weights as the master copy "
+                             "and computes with bf16 copies")
+        if config.state_dict_type != "sharded":
+            raise ValueError(f"fsdp_config.state_dict_type: HiFT under FSDP needs 'sharded', got "
+                             f"{config.state_dict_type!r}: torch cannot load a full optimizer checkpoint into an "
+                             "optimizer holding one group's state, so the run could not resume (converters read "
+                             "sharded folders; start from a monolithic checkpoint with model.pretrained)")
+
     def before_load(self, state: State, logger: Logger) -> None:
-        del logger  # unused
+        del state, logger  # unused
+        self._bind()  # Composer has sharded the model (FSDP2 swaps in DTensor parameters) after INIT
         # Loading an optimizer checkpoint first takes a zero-gradient step over every parameter that
         # requires grad (torch's _init_optim_state): full-model state, the memory HiFT exists to avoid.
         self._set_trainable(set())
 
     def after_load(self, state: State, logger: Logger) -> None:
         del logger  # unused
+        unread = [[n, k] for n, k in self._loaded_keys if k not in self._parked.get(n, {})]
+        if unread:
+            self._read_sharded(state.load_path, unread)
         # DDP, built next, registers gradient hooks only for parameters that require grad now.
         self._set_trainable(self._cycled)
 
@@ -212,8 +250,12 @@ class HiFTCallback(Callback):
         self._optimizer = state.optimizers[0]
         if state.device.name == "gpu":
             self._stream = torch.cuda.Stream()
+        # what a checkpoint brought back arrived on the parameters' device
+        self._parked = {name: self._to_host(s, self._params[name]) for name, s in self._parked.items()}
         self._active = None  # whatever holds optimizer state now is parked, the step's group restored
         self._switch(state, int(state.timestamp.batch))
+        if self.optimizer_state == "reset":
+            self._parked.clear()  # a checkpoint's state for other groups: they start afresh when next active
 
     def batch_start(self, state: State, logger: Logger) -> None:
         step = int(state.timestamp.batch)
@@ -248,6 +290,17 @@ class HiFTCallback(Callback):
         self._hold_lr(state, int(state.timestamp.batch))  # so that LRMonitor logs the rate of the next step
 
     # --- moving optimizer state -------------------------------------------------------------------
+    def _bind(self) -> None:
+        self._params = dict(self._model.named_parameters())
+
+    def _reshard(self) -> None:
+        """FSDP2 copies ``requires_grad`` to an unsharded parameter only when it all-gathers it, and its
+        root module keeps the gathered parameters after a forward without backward (an evaluation):
+        freed here, they are gathered again by the next forward, with the new group's flags."""
+        for module in self._model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def _set_trainable(self, names: set[str]) -> None:
         for _, unit in self.units:
             for name in unit:
@@ -269,7 +322,7 @@ class HiFTCallback(Callback):
             self._master.pop(name, None)
             parked = optimizer.state.pop(p, None)
             if parked and self.optimizer_state == "keep":
-                self._parked[name] = self._to_host(name, parked, p)
+                self._parked[name] = self._to_host(parked, p)
         for name in sorted(new - (self._active or set())):
             p = self._params[name]
             p.requires_grad_(True)
@@ -282,6 +335,7 @@ class HiFTCallback(Callback):
         if moving:
             torch.cuda.current_stream().wait_stream(self._stream)
         self._active = new
+        self._reshard()
 
     def _prefetch(self, state: State, names: set[str]) -> None:
         if self._stream is None:
@@ -290,18 +344,18 @@ class HiFTCallback(Callback):
             if name in self._parked and name not in self._prefetched:
                 self._prefetched[name] = self._to_device(self._parked[name], self._params[name])
 
-    def _to_host(self, name: str, tensors: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
-        """Parameter-shaped state (Adam's moments) moves; scalars such as ``step`` stay where they are."""
+    def _to_host(self, tensors: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        """Parameter-shaped state (Adam's moments) moves; scalars such as ``step`` stay where they are.
+        A DTensor moves its local shard and stays a DTensor."""
         if self._stream is None or p.device.type != "cuda":
             return tensors
         host = {}
         with torch.cuda.stream(self._stream):
             for key, value in tensors.items():
                 if torch.is_tensor(value) and value.shape == p.shape and value.is_cuda:
-                    buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-                    buffer.copy_(value, non_blocking=True)
-                    value.record_stream(self._stream)  # freed only once the copy has run
-                    value = buffer
+                    moved = value.to("cpu", non_blocking=True)  # non-blocking to the host: pinned memory
+                    _local(value).record_stream(self._stream)  # freed only once the copy has run
+                    value = moved
                 host[key] = value
         return host
 
@@ -313,7 +367,7 @@ class HiFTCallback(Callback):
             for key, value in tensors.items():
                 if torch.is_tensor(value) and value.shape == p.shape and not value.is_cuda:
                     value = value.to(p.device, non_blocking=True)
-                    value.record_stream(torch.cuda.current_stream(p.device))
+                    _local(value).record_stream(torch.cuda.current_stream(p.device))
                 restored[key] = value
         return restored
 
@@ -341,12 +395,16 @@ class HiFTCallback(Callback):
         if self._optimizer is not None:
             names = {id(p): n for n, p in self._params.items()}
             active = {names[id(p)]: dict(s) for p, s in self._optimizer.state.items() if id(p) in names}
+        optimizer_state = {**{name: dict(s) for name, s in self._parked.items()}, **active}
         return {
             "units": [name for name, _ in self.units],
             "groups": self.groups,
             "strategy": self.strategy,
             "seed": self.seed,
-            "optimizer_state": {**{name: dict(s) for name, s in self._parked.items()}, **active},
+            "optimizer_state": optimizer_state,
+            # Composer loads a sharded checkpoint into the tensors of this very dict as a fresh run builds
+            # it, which holds none yet; this list (one entry, read whole) says what after_load must read.
+            "optimizer_state_keys": sorted([name, key] for name, s in optimizer_state.items() for key in s),
             "master": {name: m.detach().cpu() for name, m in self._master.items()},
         }
 
@@ -357,4 +415,33 @@ class HiFTCallback(Callback):
             if state[key] != value:
                 raise ValueError(f"callbacks.hift.{key}: the checkpoint has {state[key]!r}, this run {value!r}")
         self._parked = {name: dict(s) for name, s in state["optimizer_state"].items()}
+        self._loaded_keys = state.get("optimizer_state_keys", [])  # absent from checkpoints older than it
         self._master = {name: m.to(self._params[name].device) for name, m in state["master"].items()}
+
+    def _read_sharded(self, folder: Optional[str], keys: list[list[str]]) -> None:
+        """Reads the parked optimizer state of a sharded (torch distributed) checkpoint into tensors laid
+        out like this run's parameters: DTensors sharded as they are, whatever the saving world size."""
+        if folder is None or not (Path(folder) / ".metadata").is_file():
+            raise ValueError(f"load_path: HiFT reads its parked optimizer state from the sharded checkpoint's local "
+                             f"folder, and {folder!r} is none; download the checkpoint and load it from disk")
+        reader = dcp.FileSystemReader(folder)
+        saved = reader.read_metadata().state_dict_metadata
+        prefix = f"state.callbacks.{type(self).__qualname__}.optimizer_state"
+        template: dict[str, dict[str, Any]] = {}
+        for name, key in keys:
+            meta, p = saved[f"{prefix}.{name}.{key}"], self._params[name]
+            if isinstance(meta, BytesStorageMetadata):
+                value = None  # a plain object: DCP replaces it
+            elif isinstance(p, DTensor) and tuple(meta.size) == tuple(p.shape):
+                value = torch.empty_like(p, dtype=meta.properties.dtype)  # sharded like its parameter
+            else:
+                value = torch.empty(meta.size, dtype=meta.properties.dtype)
+            template.setdefault(name, {})[key] = value
+        dcp.load({"state": {"callbacks": {type(self).__qualname__: {"optimizer_state": template}}}},
+                 storage_reader=reader)
+        for name, tensors in template.items():
+            self._parked.setdefault(name, {}).update(tensors)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from composer import Callback, Logger, State
+from composer.utils.parallelism import FSDPConfig
 
 from llmhift.models.l0_module import L0Module
 
@@ -42,6 +43,12 @@ class PruningCallback(Callback):
     Evaluation uses the L0 module's deterministic masks (``eval_target_model`` picks the exact target).
     Masks and lambdas are model parameters, checkpointed with it; the step is this callback's state.
 
+    FSDP: FSDP2 (train.py's default) shards the L0 module with the model (Composer wraps each child of
+    the model); the penalty is then computed in a call of the module, where its parameters are
+    gathered, and the metrics inside :meth:`L0Module.gathered`. All ranks apply the same gates at a
+    step, so a sharded run trains like one process (``tests/test_fsdp_pruning.py``). FSDP1 wraps the
+    module in flat parameters this callback cannot read and is refused.
+
     Args:
         log_interval (int): log the pruning metrics every this many batches. Default: ``1``.
 
@@ -74,6 +81,13 @@ class PruningCallback(Callback):
         self.log_interval = log_interval
         self.step = 0
 
+    def init(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        if isinstance(state.fsdp_config, FSDPConfig):
+            raise ValueError("fsdp_config: pruning needs FSDP2 (train.py's default: unset FSDP_VERSION=1; with a "
+                             "Trainer of your own, set FSDP_VERSION=2); "
+                             "FSDP1 hides the L0 module inside flat parameters the pruning callback cannot read")
+
     def fit_start(self, state: State, logger: Logger) -> None:
         del logger  # unused
         _l0_module(state).set_step(self.step)
@@ -86,7 +100,7 @@ class PruningCallback(Callback):
 
     def after_loss(self, state: State, logger: Logger) -> None:
         del logger  # unused
-        penalty = _l0_module(state).lagrangian()
+        penalty = _l0_module(state)(lagrangian=True)  # a call, so that FSDP2 gathers the parameters
         lm = state.loss["total"] if isinstance(state.loss, dict) else state.loss
         state.loss = {"lm": lm, "lagrangian": penalty, "total": lm + penalty}
 
@@ -94,13 +108,13 @@ class PruningCallback(Callback):
         _hold_fixed_lrs(state)  # again after scheduler.step, so LR monitors log the rate really used
         l0 = _l0_module(state)
         l0.constrain_parameters()
-        if int(state.timestamp.batch) % self.log_interval == 0:
+        if int(state.timestamp.batch) % self.log_interval == 0:  # the same batches on every rank
             logger.log_metrics(self.metrics(l0))
 
     @staticmethod
     def metrics(l0: L0Module) -> dict[str, float]:
-        """Everything the table above lists, as plain floats."""
-        with torch.no_grad():
+        """Everything the table above lists, as plain floats (a collective under FSDP2: all ranks call it)."""
+        with torch.no_grad(), l0.gathered():
             values: dict[str, float] = {}
             for name in l0.masks:
                 values[f"pruning/expected_sparsity/{name}"] = l0.expected_sparsity(name).mean().item()

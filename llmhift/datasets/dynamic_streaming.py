@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from bisect import bisect_right
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 

@@ -9,8 +9,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from streaming import Stream, StreamingDataset
+from torch.utils.data import Dataset
 
-__all__ = ["DataFolderError", "find_domains", "sequence_length", "MultiDomainTextDataset"]
+__all__ = ["DataFolderError", "find_domains", "sequence_length", "MultiDomainTextDataset", "EverySample"]
 
 
 class DataFolderError(ValueError):
@@ -89,3 +90,24 @@ class MultiDomainTextDataset(StreamingDataset):
             "input_ids": torch.from_numpy(sample["tokens"].astype(np.int64)),  # (L,), a writable copy
             "domain_idx": torch.tensor(self._domain_idx[sample["domain"]]),
         }
+
+
+class EverySample(Dataset):
+    """Map-style access to all samples of a StreamingDataset (every rank's, by global index), for a
+    ``DistributedSampler`` to split between ranks: what an evaluation over several ranks needs.
+
+    Why: StreamingDataset gives every rank the same number of samples by repeating some when the
+    count does not divide, and an evaluation counts the repeats twice (on 2 ranks, one of the demo's
+    521 eval samples: enough to move that domain's loss by 4e-5, and the proportions dynamic
+    loading derives from it). A DistributedSampler pads the same way, but Composer's eval loop knows
+    its padding and leaves it out of the metrics, so each sample counts once whatever the world size.
+    """
+
+    def __init__(self, dataset: StreamingDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return self.dataset.num_samples  # len(StreamingDataset) is one rank's share
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return self.dataset[idx]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 
 from llmhift.models.llama import LlamaConfig, LlamaModel
 
@@ -60,6 +62,13 @@ class L0Module(nn.Module):
     GQA model; MHA is the case of one query head per group. The training step comes from
     ``PruningCallback`` (attribute ``step``); the module never reads the trainer.
 
+    Under FSDP2 Composer shards this module like any other child of the model (its parameters become
+    DTensors, whole only while FSDP's hooks have gathered them). So everything that reads the
+    parameters with gradients goes through a call: ``forward()`` for the masks, ``forward(lagrangian=True)``
+    for the penalty; FSDP then reduce-scatters (averages) their gradients like the model's. Reading
+    them without gradients (metrics) happens inside :meth:`gathered`. The Lagrange multipliers are
+    1-element vectors, not scalars: FSDP2 shards along dim 0 and refuses 0-dim parameters.
+
     Args:
         source (LlamaConfig): the model being pruned.
         target_model (dict): the target shape, keys among ``TARGET_KEYS``; missing keys keep the source's.
@@ -70,9 +79,10 @@ class L0Module(nn.Module):
         start_sparsity (float): target sparsity at step 0. Default: 0.0.
         eval_target_model (bool): evaluate with exactly the target shape instead of the current
             deterministic one. Default: ``False``.
-        seed (int): seeds the gate noise, which is a pure function of ``(seed, step, draw within the
-            step)``: a resumed run draws the same gates without any generator state, and every rank
-            draws the same gates. Default: ``0``.
+        seed (int): seeds the gate noise, which is a pure function of ``(seed, step)``: every
+            micro-batch of a step, on every rank, applies the same gates, so a step's gradient does not
+            depend on the number of ranks or on the micro-batch size, and a resumed run draws the same
+            gates without any generator state. Default: ``0``.
 
     Example:
         >>> source = LlamaConfig(vocab_size=256, d_model=64, n_layers=4, n_heads=4, intermediate_size=128)
@@ -102,14 +112,13 @@ class L0Module(nn.Module):
         self.eval_target_model = eval_target_model
         self.seed = seed
         self.step = 0  # set by PruningCallback at every batch start (set_step)
-        self._draw = 0  # forwards so far in this step (micro-batches)
         self.group = source.n_heads // source.n_kv_heads
         self.masks = {name: self._mask_spec(name) for name in self.pruning_modules}
         self.z_loga = nn.ParameterDict(
             {name: nn.Parameter(torch.empty(spec.rows, spec.size)) for name, spec in self.masks.items()}
         )
-        self.lambda_1 = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.masks})
-        self.lambda_2 = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.masks})
+        self.lambda_1 = nn.ParameterDict({name: nn.Parameter(torch.zeros(1)) for name in self.masks})
+        self.lambda_2 = nn.ParameterDict({name: nn.Parameter(torch.zeros(1)) for name in self.masks})
         self.reset_parameters()
 
     @classmethod
@@ -197,8 +206,8 @@ class L0Module(nn.Module):
         return torch.sigmoid(self.z_loga[name] - BETA * math.log(-LIMIT_A / LIMIT_B))
 
     def set_step(self, step: int) -> None:
-        """The training step the next forwards belong to (restarts the per-step draw count)."""
-        self.step, self._draw = step, 0
+        """The training step the next forwards belong to (their gates and target sparsities)."""
+        self.step = step
 
     def sample(self, name: str, generator: torch.Generator | None = None) -> torch.Tensor:
         """One reparameterised hard-concrete draw per gate, in [0, 1], differentiable in log-alpha."""
@@ -221,11 +230,14 @@ class L0Module(nn.Module):
         return self.start_sparsity + (final - self.start_sparsity) * step / self.warmup_steps
 
     def lagrangian(self) -> torch.Tensor:
-        """sum over masks of mean over rows of lambda_1 (s - t) + lambda_2 (s - t)^2."""
+        """sum over masks of mean over rows of lambda_1 (s - t) + lambda_2 (s - t)^2.
+
+        In training, ask for it through ``forward(lagrangian=True)`` (sharded parameters are whole there).
+        """
         total = self.z_loga[self.pruning_modules[0]].new_zeros(())
         for name in self.masks:
             gap = self.expected_sparsity(name) - self.target_sparsity(name)  # (rows,)
-            total = total + (self.lambda_1[name] * gap + self.lambda_2[name] * gap.pow(2)).mean()
+            total = total + (self.lambda_1[name] * gap + self.lambda_2[name] * gap.pow(2)).mean()  # lambdas: (1,)
         return total
 
     def _scores_or_ones(self) -> dict[str, torch.Tensor]:
@@ -303,17 +315,35 @@ class L0Module(nn.Module):
         """The masks pruning uses (``exact_target``) or the current ones, in the model's shapes."""
         return self.model_masks({name: self.deterministic(name, exact_target) for name in self.masks})
 
-    def forward(self) -> dict[str, torch.Tensor]:
+    def forward(self, lagrangian: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
+        """The masks for the model, or with ``lagrangian=True`` the penalty to add to the loss."""
+        if lagrangian:
+            return self.lagrangian()
         if self.training:
-            # Draws up to 2**16 micro-batches per step stay distinct; the global RNG is left alone.
+            # One draw per (seed, step), whatever the rank or micro-batch; the global RNG is left alone.
             device = self.z_loga[self.pruning_modules[0]].device
-            generator = torch.Generator(device=device).manual_seed(((self.seed << 48) + (self.step << 16) + self._draw) % 2**63)
-            self._draw += 1
+            generator = torch.Generator(device=device).manual_seed(((self.seed << 32) + self.step) % 2**63)
             return self.model_masks({name: self.sample(name, generator) for name in self.masks})
         return self.deterministic_masks(exact_target=self.eval_target_model)
 
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Whole parameters for reading outside a forward (metrics, logging); a no-op without FSDP.
+
+        Under FSDP2 this all-gathers them: a collective, so every rank must enter it at the same point.
+        """
+        if not isinstance(self, FSDPModule):
+            yield
+            return
+        self.unshard()
+        try:
+            yield
+        finally:
+            self.reshard()
+
     @torch.no_grad()
     def constrain_parameters(self) -> None:
-        """Clamps log-alphas into their bounds (after each optimizer step)."""
+        """Clamps log-alphas into their bounds (after each optimizer step); elementwise, so under FSDP2
+        each rank clamps its own shard."""
         for z in self.z_loga.values():
             z.clamp_(LOGA_MIN, LOGA_MAX)

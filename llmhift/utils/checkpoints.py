@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmhift.models.hf_adapter import ConversionError, hf_to_llmhift_state_dict
 
@@ -18,6 +21,7 @@ __all__ = [
     "LLMHIFT_KEY",
     "is_sharded_checkpoint",
     "load_checkpoint",
+    "map_safetensors",
     "model_state_dict",
     "read_hf_weights",
     "write_hf_weights",
@@ -36,23 +40,26 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / ".metadata").is_file()
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """A Composer checkpoint (``latest-rank0.pt`` or any ``ep*-ba*-rank0.pt``), a sharded checkpoint
     folder, or a bare state dict.
 
     A sharded folder is gathered into one ordinary checkpoint in this process (no process group),
     through a temporary file: peak memory is one full copy. Composer checkpoints pickle more than
     tensors (timestamps, RNG states), so this unpickles in full: only load checkpoints you trust.
+    ``mmap=True`` maps the tensors instead of reading them (``torch.load(mmap=True)``): only those
+    used are read, so taking the weights out of a checkpoint that also holds optimizer state costs
+    the weights alone.
     """
     path = Path(path)
     if is_sharded_checkpoint(path):
-        return _load_sharded(path)
+        return _load_sharded(path, mmap)
     if not path.is_file():
         raise ConversionError(
             f"checkpoint {path} does not exist or is neither a file nor a sharded checkpoint folder (with .metadata)"
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # torch raises several types for a file that is not a checkpoint
         raise ConversionError(f"{path} is not a readable torch checkpoint: {err}") from err
     if not isinstance(checkpoint, dict):
@@ -60,7 +67,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
-def _load_sharded(folder: Path) -> dict[str, Any]:
+def _load_sharded(folder: Path, mmap: bool) -> dict[str, Any]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory(prefix="llmhift-dcp-") as tmp:
@@ -69,7 +76,8 @@ def _load_sharded(folder: Path) -> dict[str, Any]:
             dcp_to_torch_save(folder, gathered)
         except Exception as err:  # a truncated or foreign folder fails in several ways inside torch
             raise ConversionError(f"{folder} is not a readable sharded checkpoint: {err}") from err
-        return torch.load(gathered, map_location="cpu", weights_only=False)
+        # a mapped file outlives its deletion with the temporary folder (POSIX)
+        return torch.load(gathered, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -104,8 +112,60 @@ def _strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, to
     return weights
 
 
+# The safetensors format's dtype names.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def map_safetensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, memory-mapped rather than read.
+
+    A tensor's bytes come off the disk when it is first used, so shapes can be checked before any
+    weight is read, and a loader that copies one tensor at a time into its model holds one copy of
+    the weights, not two (``safetensors.torch.load_file`` copies every tensor up front). The mapping
+    is copy-on-write: writing to a tensor never changes the file. The format is simple enough to
+    parse here (an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+    shape and byte range, then the data); the file is opened through Python's ``open``, so audit
+    hooks (``sys.addaudithook``) see every read, which is how the rank-0-only loading test counts them.
+    """
+    try:
+        with open(file, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # outlives the file object
+        (header_bytes,) = struct.unpack("<Q", mapped[:8])
+        header = json.loads(mapped[8 : 8 + header_bytes])
+    except (OSError, ValueError, struct.error) as err:  # an empty file cannot be mapped: ValueError
+        raise ConversionError(f"{file} is not a safetensors file: {err}") from err
+    start = 8 + header_bytes
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = math.prod(shape)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConversionError(f"{file}: the header entry of {name} is malformed ({err!r})") from err
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise ConversionError(f"{file}: {name} has dtype {dtype_name}, not one of {sorted(SAFETENSORS_DTYPES)}")
+        if begin < 0 or end - begin != count * dtype.itemsize or start + end > len(mapped):
+            raise ConversionError(
+                f"{file}: {name} claims bytes {begin}..{end}, which do not hold shape {shape}; truncated?"
+            )
+        if count == 0:  # frombuffer refuses an empty range
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        # frombuffer keeps the mapping alive for as long as any of its tensors lives
+        tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + begin).view(shape)
+    return tensors
+
+
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF model folder: safetensors (single or sharded) or pytorch_model.bin."""
+    """All tensors of an HF model folder: safetensors (single or sharded) or pytorch_model.bin,
+    memory-mapped (read when used)."""
     for index_name, single_name in (
         ("model.safetensors.index.json", "model.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -120,9 +180,9 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         weights: dict[str, torch.Tensor] = {}
         for name in files:
             if name.endswith(".safetensors"):
-                weights.update(load_file(hf_dir / name))
+                weights.update(map_safetensors(hf_dir / name))
             else:
-                weights.update(torch.load(hf_dir / name, map_location="cpu", weights_only=True))
+                weights.update(torch.load(hf_dir / name, map_location="cpu", weights_only=True, mmap=True))
         return weights
     raise ConversionError(f"{hf_dir} holds no model.safetensors or pytorch_model.bin (sharded or not)")
 
@@ -153,14 +213,14 @@ def write_hf_weights(weights: dict[str, torch.Tensor], out_dir: Path, max_shard_
 
 def read_llama_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """ComposerLlama weights from an HF model folder, a sharded checkpoint folder, or a Composer checkpoint /
-    state dict file."""
+    state dict file, memory-mapped: each tensor is read from disk when first used."""
     path = Path(path)
     if path.is_dir() and not is_sharded_checkpoint(path):
         if not (path / "config.json").is_file():
             raise ConversionError(f"{path} is a folder without config.json: not a Hugging Face model folder")
         tied = bool(json.loads((path / "config.json").read_text()).get("tie_word_embeddings", False))
         return hf_to_llmhift_state_dict(read_hf_weights(path), tie_word_embeddings=tied)
-    return model_state_dict(load_checkpoint(path))
+    return model_state_dict(load_checkpoint(path, mmap=True))
 
 
 def run_config_beside(checkpoint: str | os.PathLike) -> dict[str, Any]:

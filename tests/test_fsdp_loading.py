@@ -1,0 +1,186 @@
+"""Rank-0-only loading under FSDP2 on 2 CPU ranks: only rank 0 opens the weight files, and after
+wrapping both ranks hold exactly the source weights, sharded.
+
+Two ways in, one launch each: ``model.pretrained`` naming an HF folder (``model.safetensors``), and
+Composer's own ``load_path`` naming a Composer ``.pt`` with ``fsdp_config.load_monolith_rank0_only``
+(FSDP2 fills ranks > 0 from rank 0 only if they are on the meta device; were they initialised, each
+would keep its own half of every tensor, silently). ``model.pretrained`` naming a ``.pt`` takes the
+same path in ``build_model`` as the HF folder; tests/test_train.py checks its reader. The source is a
+tiny LLaMA of the demo shape saved by ``transformers`` and converted by llmhift's ``save_hf_to_composer``;
+its random weights differ from the yaml seed's initialisation, so a rank that kept its own init would show.
+
+This file is also the script each rank runs: ``composer -n 2 tests/test_fsdp_loading.py SOURCE OUT ...``
+records every ``open`` of a file beside SOURCE (a Python audit hook: llmhift's safetensors reader and
+``torch.load`` both open through Python), runs ``train.main`` on the demo pretrain yaml, and right
+after the Trainer is built (FSDP wrapping and the broadcast happen there) gathers the full state dict
+and writes ``OUT/rank{R}.json`` with a SHA-1 per tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+YAML = "yamls/demo/pretrain.yaml"
+LAUNCH_TIMEOUT_S = 240
+SHARDED = "fsdp_config={sharding_strategy: FULL_SHARD, state_dict_type: sharded}"
+MONOLITH = "fsdp_config={sharding_strategy: FULL_SHARD, state_dict_type: full, load_monolith_rank0_only: true}"
+# case: (source folder or file, the weight files in it, how the run is told to load it)
+CASES = {
+    "hf_dir": ("hf", ["model.safetensors"], ["model.pretrained={source}", SHARDED]),
+    "load_path": ("pt/model.pt", ["model.pt"], ["load_path={source}", "load_weights_only=true", MONOLITH]),
+}
+
+
+def tensor_digest(tensor) -> str:
+    """SHA-1 of a tensor's bytes with its dtype and shape: equal digests mean bit-identical tensors."""
+    import torch
+
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha1(f"{tensor.dtype}{tuple(tensor.shape)}".encode() + raw).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 2-rank FSDP2 launch of 1 batch per case; returns {case: (expected digests, per-rank records,
+    launch result, logs folder)}."""
+    import torch
+    import transformers
+
+    from llmhift.datasets.demo_data import ensure_demo_data
+    from llmhift.models.hf_adapter import hf_to_llmhift_state_dict
+    from llmhift.utils.composer_to_hf import save_hf_to_composer
+    from tests.helpers import launch_ranks  # here: this file also runs as a rank's script
+
+    tmp = tmp_path_factory.mktemp("fsdp_loading")
+    data = ensure_demo_data(tmp / "data")
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)  # not the yaml's seed (17): loaded weights differ from a fresh init
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=352, tie_word_embeddings=True, max_position_embeddings=128))  # fmt: skip
+    hf.save_pretrained(tmp / "hf")  # model.safetensors; the tied head is not stored
+    (tmp / "pt").mkdir()
+    save_hf_to_composer(tmp / "hf", tmp / "pt" / "model.pt")
+    expected = {k: tensor_digest(v) for k, v in hf_to_llmhift_state_dict(hf.state_dict(), True).items()}
+
+    results = {}
+    for case, (source, _, how) in CASES.items():
+        source, out, logs = tmp / source, tmp / case / "out", tmp / case / "logs"
+        args = [str(source), str(out), *(a.replace("{source}", str(source)) for a in how),
+                f"variables.data_root={data}", f"save_folder={tmp / case / 'ckpt'}", "max_duration=1ba",
+                "eval_interval=1ba", "eval_subset_num_batches=1", "device_train_microbatch_size=8",
+                "progress_bar=false", "log_to_console=false"]  # fmt: skip
+        result = launch_ranks(__file__, args, logs, LAUNCH_TIMEOUT_S, env={"FSDP_VERSION": "2"})
+        records = [json.loads(p.read_text()) if p.is_file() else None for p in (out / f"rank{r}.json" for r in (0, 1))]
+        results[case] = (expected, records, result, logs)
+    return results
+
+
+def _records(run) -> list[dict]:
+    from tests.helpers import rank_logs
+
+    _, records, result, logs = run
+    assert result.returncode == 0 and None not in records, f"{result.stdout[-4000:]}{rank_logs(logs)}"
+    assert [r["exit_code"] for r in records] == [0, 0]
+    return records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_only_rank0_opens_the_weights(runs, case):
+    rank0, rank1 = _records(runs[case])
+    assert rank1["opened"] == [], "rank 1 read the checkpoint"  # nothing beside it either (config.json)
+    opened_weights = [name for name in rank0["opened"] if name.endswith((".safetensors", ".pt", ".bin"))]
+    assert opened_weights == CASES[case][1], rank0["opened"]  # each weight file, once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_both_ranks_hold_the_source_weights_sharded(runs, case):
+    expected = runs[case][0]
+    assert "model.lm_head.weight" not in expected  # tied: the head is the embedding, one tensor on each side
+    for rank, record in enumerate(_records(runs[case])):
+        # Composer took the broadcast path (rank 0 materialised, rank 1 on the meta device)
+        assert record["sync_module_states"] is True, rank
+        assert record["full_state"] == expected, f"rank {rank} differs from the source"
+        # every parameter is a DTensor whose local shard is a strict part of it
+        assert record["sharded"] and all(record["sharded"].values()), record["sharded"]
+
+
+def test_safetensors_reader_matches_the_library_and_names_a_broken_file(tmp_path):
+    """Rank 0's reader (memory-mapped, parsed by llmhift) gives what safetensors' own reader gives."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from llmhift.models.hf_adapter import ConversionError
+    from llmhift.utils.checkpoints import map_safetensors
+
+    tensors = {
+        "w": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "ids": torch.arange(5),
+        "scalar": torch.tensor(2.5, dtype=torch.float16), "empty": torch.zeros(0, 4),
+        "flags": torch.tensor([True, False]),
+    }  # fmt: skip
+    save_file(tensors, tmp_path / "t.safetensors")
+    mapped, reference = map_safetensors(tmp_path / "t.safetensors"), load_file(tmp_path / "t.safetensors")
+    assert {k: tensor_digest(v) for k, v in mapped.items()} == {k: tensor_digest(v) for k, v in reference.items()}
+    mapped["w"].add_(1)  # copy-on-write: the file keeps its bytes
+    assert torch.equal(load_file(tmp_path / "t.safetensors")["w"], tensors["w"])
+
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:-4])
+    with pytest.raises(ConversionError, match="cut.safetensors: .* truncated"):
+        map_safetensors(tmp_path / "cut.safetensors")
+
+
+def _rank_main(argv: list[str]) -> int:
+    source, out, overrides = Path(argv[0]).resolve(), Path(argv[1]), argv[2:]
+    watched = source if source.is_dir() else source.parent
+    opened: list[str] = []
+
+    def audit(event: str, args: tuple) -> None:
+        # `open` is raised by builtins.open / io.open (and so by torch.load and llmhift's safetensors
+        # reader) with the path as given; a descriptor (int) is not a path.
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = Path(os.fsdecode(args[0])).resolve()
+            if path.is_relative_to(watched):
+                opened.append(str(path.relative_to(watched)))
+
+    sys.addaudithook(audit)  # before anything is built; a hook cannot be removed, and this process ends soon
+    sys.path.insert(0, str(REPO_ROOT))
+    from composer.utils import dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from tests.helpers import run_train_main
+
+    record: dict = {}
+
+    def setup(trainer) -> None:  # train.py has built the model (rank 0 read), wrapped it with FSDP2, broadcast
+        model = trainer.state.model
+        record["sync_module_states"] = trainer.state.fsdp_config.sync_module_states
+        record["sharded"] = {
+            n: isinstance(p, DTensor) and p.to_local().numel() < p.numel() for n, p in model.named_parameters()
+        }
+        # full_state_dict without cpu_offload: every rank all-gathers every tensor
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        record["full_state"] = {k: tensor_digest(v) for k, v in full.items()}
+
+    _, exit_code = run_train_main([YAML, *overrides], setup)
+    record["exit_code"] = exit_code
+    record["opened"] = opened  # the whole run's: building, wrapping, training, evaluating, saving
+    out.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_global_rank()
+    tmp = out / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, out / f"rank{rank}.json")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1:]))
