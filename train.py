@@ -21,6 +21,7 @@ from llmhift.builders import (
     build_loggers,
     build_model,
     build_trainer,
+    check_activation_checkpointing,
     check_data,
     check_optimization,
     check_precision,
@@ -43,6 +44,7 @@ def dry_run(config: TrainConfig, world_size: int = 1) -> None:
     reported as a note, since a dry run usually happens away from the cluster.
     """
     check_optimization(config)
+    check_activation_checkpointing(config)
     build_callbacks(config)
     build_loggers(config)
     build_algorithms(config)
@@ -52,18 +54,18 @@ def dry_run(config: TrainConfig, world_size: int = 1) -> None:
             check(config)
         except ConfigError as err:
             print(f"note: {err} (a real run stops here)")
-    if config.model["name"] == "hf_causal_lm":
-        sized = _print_hf_size(config)
-    else:
-        sized = _print_llama_size(config)
-    if sized is not None:
-        try:
-            print("\n".join(estimate_run(config, *sized, world_size=world_size).lines()))
-        except ValueError as err:
-            print(f"note: no memory estimate: {err}")
+    hf = config.model["name"] == "hf_causal_lm"
+    model = _print_hf_size(config) if hf else _print_llama_size(config)
+    if model is None:
+        return
+    try:
+        shape = ModelShape.from_hf(model.config) if hf else ModelShape.from_llama(model.config)
+        print("\n".join(estimate_run(config, model, shape, world_size=world_size).lines()))
+    except ValueError as err:  # a model family or setting the estimate has no formula for
+        print(f"note: no memory estimate: {err}")
 
 
-def _print_hf_size(config: TrainConfig) -> tuple[torch.nn.Module, ModelShape] | None:
+def _print_hf_size(config: TrainConfig) -> torch.nn.Module | None:
     folder = Path(config.model.get("pretrained") or "")
     if not (folder / "config.json").is_file():
         print(f"note: model.pretrained: {folder} holds no config.json, so the model's size is unknown "
@@ -73,10 +75,10 @@ def _print_hf_size(config: TrainConfig) -> tuple[torch.nn.Module, ModelShape] | 
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
     total = _count(model.parameters())
     print(f"model: hf_causal_lm {model.config.model_type}, {total:,} parameters ({total / 1e9:.3f}B)")
-    return model, ModelShape.from_hf(model.config)
+    return model
 
 
-def _print_llama_size(config: TrainConfig) -> tuple[torch.nn.Module, ModelShape]:
+def _print_llama_size(config: TrainConfig) -> torch.nn.Module:
     without_weights = dataclasses.replace(config, model={k: v for k, v in config.model.items() if k != "pretrained"})
     with torch.device("meta"):
         model = build_model(without_weights)
@@ -93,7 +95,7 @@ def _print_llama_size(config: TrainConfig) -> tuple[torch.nn.Module, ModelShape]
         print(f"pruning: source {source_count:,} ({source_count / 1e9:.2f}B) -> target {target_count:,} "
               f"({target_count / 1e9:.2f}B): d_model {target.d_model}, heads {target.n_heads} "
               f"(kv {target.n_kv_heads}), layers {target.n_layers}, intermediate {target.intermediate_size}")
-    return model, ModelShape.from_llama(llama)
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,6 +64,10 @@ __all__ = [
     "check_optimization",
     "check_tokenizer",
     "check_precision",
+    "check_activation_checkpointing",
+    "fsdp_version",
+    "parallelism_config",
+    "average_gloo_fsdp2_gradients",
     "save_resolved_config",
 ]
 
@@ -244,6 +248,13 @@ def _load_pretrained_llama(model: ComposerLlama, path: str) -> None:
         infer_llama_config(weights, shape)
     except ConversionError as err:
         raise ConfigError(f"model.pretrained: {path}: {err}") from None
+    expected = {f"model.{name}" for name in model.model.state_dict()}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:  # same shapes, other sublayers: layers_without_attn / layers_without_mlp differ
+        raise ConfigError(
+            f"model.pretrained: {path} holds other tensors than the yaml's model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); check model.layers_without_attn and model.layers_without_mlp"
+        )
     # A tied head is the embedding itself (no lm_head parameter), so assigning cannot untie it.
     loaded = {
         name: torch.empty(meta.shape, dtype=meta.dtype).copy_(weights.pop(f"model.{name}"))
@@ -258,7 +269,7 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> C
     initialising at random); the other ranks leave it on the meta device and read nothing, and
     Composer broadcasts rank 0's weights into every rank's shards while wrapping (FSDP2 turns
     ``sync_module_states`` on by itself when it sees rank 0 materialised and the others not; FSDP1
-    gets it from ``_parallelism``). A node thus holds one copy of the weights, not one per rank.
+    gets it from ``parallelism_config``). A node thus holds one copy of the weights, not one per rank.
     DDP and single-process runs load on every rank."""
     section = dict(config.model)
     name = section["name"]
@@ -312,7 +323,7 @@ def check_dynamic_loader(config: TrainConfig, domains: list[str]) -> None:
         )
 
 
-def build_dataloader(loader: LoaderConfig, domains: list[str], batch_size: int) -> DataLoader:
+def build_dataloader(loader: LoaderConfig, domains: list[str], batch_size: int, for_eval: bool = False) -> DataLoader:
     dataset = loader.dataset
     sampler = None
     if loader.name == "instruction":
@@ -340,7 +351,7 @@ def build_dataloader(loader: LoaderConfig, domains: list[str], batch_size: int) 
             shuffle=dataset.shuffle,
             shuffle_seed=dataset.shuffle_seed,
         )
-        if not loader.drop_last:  # an eval: every sample once over all ranks (see EverySample)
+        if for_eval:  # every sample once over all ranks (see EverySample)
             text = EverySample(text)
             sampler = dist.get_sampler(text, shuffle=dataset.shuffle, seed=dataset.shuffle_seed, drop_last=False)
     workers = loader.num_workers
@@ -405,7 +416,7 @@ def check_optimization(config: TrainConfig) -> None:
         raise ConfigError(f"scheduler.name: {config.scheduler.name!r} is not one of {SCHEDULERS}")
 
 
-def _average_gloo_fsdp2_gradients(model: torch.nn.Module) -> None:
+def average_gloo_fsdp2_gradients(model: torch.nn.Module) -> None:
     """FSDP2 averages gradients with a reduce-scatter asking for ``ReduceOp.AVG``, which torch 2.7's gloo
     backend silently treats as a sum (pytorch/pytorch#162338): CPU ranks would step with world-size times
     the gradient. Where a one-element probe shows the sum, FSDP2 divides right after its reduce-scatter."""
@@ -429,10 +440,11 @@ def fsdp_version() -> int:
 
 # FSDP1's sharding strategies in FSDP2's terms: FSDP2 always shards parameters, gradients and optimizer
 # state; it can keep a block's gathered parameters from forward to backward (SHARD_GRAD_OP's trade).
-_RESHARD_AFTER_FORWARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
+RESHARD_AFTER_FORWARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
 
 
-def _parallelism(config: TrainConfig) -> dict[str, Any] | None:
+def parallelism_config(config: TrainConfig) -> dict[str, Any] | None:
+    """Composer's ``parallelism_config`` for the yaml's ``fsdp_config``: an FSDP2Config unless FSDP_VERSION=1."""
     if not config.fsdp_config:
         return None
     fsdp = dict(config.fsdp_config)
@@ -443,18 +455,23 @@ def _parallelism(config: TrainConfig) -> dict[str, Any] | None:
         fsdp.setdefault("sync_module_states", True)
         return {"fsdp": fsdp}
     strategy = fsdp.pop("sharding_strategy", "FULL_SHARD")
-    if strategy not in _RESHARD_AFTER_FORWARD:
+    if strategy not in RESHARD_AFTER_FORWARD:
         raise ConfigError(
             f"fsdp_config.sharding_strategy: {strategy!r} has no FSDP2 equivalent; use one of "
-            f"{sorted(_RESHARD_AFTER_FORWARD)} (or FSDP_VERSION=1 on GPUs)"
+            f"{sorted(RESHARD_AFTER_FORWARD)} (or FSDP_VERSION=1 on GPUs)"
         )
-    fsdp.setdefault("reshard_after_forward", _RESHARD_AFTER_FORWARD[strategy])
+    reshard = fsdp.setdefault("reshard_after_forward", RESHARD_AFTER_FORWARD[strategy])
+    if "sharding_strategy" in config.fsdp_config and reshard != RESHARD_AFTER_FORWARD[strategy]:
+        raise ConfigError(
+            f"fsdp_config.reshard_after_forward: {reshard} contradicts sharding_strategy {strategy}; set only one"
+        )
     # FSDP2 decides by itself to broadcast rank 0's weights when the other ranks are on meta.
     fsdp.pop("sync_module_states", None)
     return {"fsdp": FSDP2Config.from_compatible_attrs(fsdp)}
 
 
 def check_activation_checkpointing(config: TrainConfig) -> None:
+    """Recomputing a block twice (once per mechanism) costs a forward and saves nothing."""
     if (config.fsdp_config or {}).get("activation_checkpointing") and config.model.get("activation_checkpointing"):
         raise ConfigError(
             "fsdp_config.activation_checkpointing and model.activation_checkpointing: both recompute every block; "
@@ -499,7 +516,7 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
 def build_trainer(config: TrainConfig) -> Trainer:
     """Everything checked, everything built, a Trainer ready to ``fit()``."""
     domains = check_config(config)
-    parallelism = _parallelism(config)
+    parallelism = parallelism_config(config)
     callbacks, loggers, algorithms = build_callbacks(config), build_loggers(config), build_algorithms(config)
     device = "gpu" if on_gpu() else "cpu"
     dist.initialize_dist(device, config.dist_timeout)
@@ -508,7 +525,8 @@ def build_trainer(config: TrainConfig) -> Trainer:
     train_loader = build_dataloader(config.train_loader, domains["train_loader"], batch_size)
     evaluators = []
     if config.eval_loader is not None:
-        eval_loader = build_dataloader(config.eval_loader, domains["eval_loader"], config.device_eval_batch_size)
+        eval_loader = build_dataloader(config.eval_loader, domains["eval_loader"], config.device_eval_batch_size,
+                                       for_eval=True)
         evaluators.append(Evaluator(label="eval", dataloader=eval_loader))
     reproducibility.seed_all(config.seed)  # the initial weights (and L0 masks) follow the yaml's seed
     model = build_model(config, domains.get("eval_loader"))
@@ -543,5 +561,5 @@ def build_trainer(config: TrainConfig) -> Trainer:
         console_log_interval=config.console_log_interval,
         dist_timeout=config.dist_timeout,
     )
-    _average_gloo_fsdp2_gradients(trainer.state.model)  # the Trainer has applied FSDP by now
+    average_gloo_fsdp2_gradients(trainer.state.model)  # the Trainer has applied FSDP by now
     return trainer

@@ -12,10 +12,14 @@ Where the bytes go (per GPU, W ranks):
 * gradients: one fp32 gradient per trained parameter (FSDP's sharded gradient is fp32 too).
 * optimizer: AdamW and DecoupledAdamW keep two fp32 moments per trained parameter and one fp32
   step counter per parameter tensor.
-* FSDP ``FULL_SHARD`` divides weights, gradients and optimizer state by W; ``SHARD_GRAD_OP`` divides
-  gradients and optimizer state; ``NO_SHARD`` (and no FSDP) divides nothing.
+* FSDP2 (train.py's default, :func:`llmhift.builders.fsdp_version`) divides weights, gradients and
+  optimizer state by W whatever the ``sharding_strategy``: ``SHARD_GRAD_OP`` (``reshard_after_forward:
+  false``) only keeps each block's gathered weights from forward to backward (more ``working``).
+  Under FSDP1 (``FSDP_VERSION=1``) ``FULL_SHARD`` divides all three, ``SHARD_GRAD_OP`` gradients and
+  optimizer state, ``NO_SHARD`` (and no FSDP) nothing.
 * HiFT (``callbacks.hift``): gradients and optimizer state of the largest group trained at once (the
-  other groups' optimizer state waits in host memory, reported as ``host``).
+  other groups' optimizer state waits in host memory, reported as ``host``; nothing with
+  ``optimizer_state: reset``).
 * activations: what autograd saves in one micro-batch's forward, and the logits the Trainer holds
   until backward; see :func:`activation_bytes`.
 * working: transient peaks that add to the above at some point of the step: the weights FSDP
@@ -28,14 +32,20 @@ communication buckets, and eval (which saves no activations).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Collection, Optional, Sequence
 
+from composer import Logger, State
+from composer.devices import DeviceCPU
 from torch import nn
 
+from llmhift.builders import RESHARD_AFTER_FORWARD, build_callbacks, fsdp_version, parallelism_config
+from llmhift.callbacks.hift import HiFTCallback
+from llmhift.models.hf_causal_lm import _D_MODEL_NAMES, _N_LAYERS_NAMES
 from llmhift.models.llama import LlamaConfig
 
 __all__ = [
@@ -44,7 +54,8 @@ __all__ = [
     "Activations",
     "MemoryEstimate",
     "OPTIMIZER_MOMENTS",
-    "SHARDING_STRATEGIES",
+    "FSDP1_STRATEGIES",
+    "Sharding",
     "activation_bytes",
     "state_bytes",
     "estimate_run",
@@ -55,7 +66,7 @@ GiB = 2**30
 FP32, HALF, INDEX = 4, 2, 8  # bytes of an fp32 value, a bf16/fp16 value, an int64 index
 # Optimizer -> fp32 state tensors of a parameter's size (both AdamW flavours: exp_avg, exp_avg_sq).
 OPTIMIZER_MOMENTS = {"decoupled_adamw": 2, "adamw": 2}
-SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")  # FSDP2's are llmhift.builders'
 
 
 @dataclass(frozen=True)
@@ -77,12 +88,19 @@ class ModelShape:
 
     @classmethod
     def from_hf(cls, config: Any) -> "ModelShape":
-        """A LLaMA-family Hugging Face config (llama, mistral, qwen2, ...)."""
-        heads = config.num_attention_heads
-        return cls(config.hidden_size, config.num_hidden_layers, heads,
+        """A Hugging Face decoder config: LLaMA-family names (llama, mistral, qwen2, ...), else GPT-2's
+        (``n_embd``, ``n_layer``, ``n_head``, ``n_inner``) or OPT's (``ffn_dim``). The activation formula
+        is LLaMA's (RMSNorm, SwiGLU), so for other families the figure is an approximation. Raises
+        ValueError naming a dimension the config gives under none of these names."""
+        d = _hf_dimension(config, _D_MODEL_NAMES)
+        heads = _hf_dimension(config, ("num_attention_heads", "n_head"))
+        intermediate_names = ("intermediate_size", "ffn_dim", "n_inner")
+        # GPT-2 and GPT-J declare n_inner (GPT-Neo intermediate_size) as None for their 4 x d MLP.
+        default = 4 * d if any(hasattr(config, name) for name in intermediate_names) else None
+        return cls(d, _hf_dimension(config, _N_LAYERS_NAMES), heads,
                    getattr(config, "num_key_value_heads", None) or heads,
-                   getattr(config, "head_dim", None) or config.hidden_size // heads,
-                   config.intermediate_size, config.vocab_size)
+                   getattr(config, "head_dim", None) or d // heads,
+                   _hf_dimension(config, intermediate_names, default), _hf_dimension(config, ("vocab_size",)))
 
     @property
     def attn_width(self) -> int:
@@ -94,6 +112,14 @@ class ModelShape:
         return {"wq": d * self.attn_width, "wk": d * kv, "wv": d * kv, "wo": self.attn_width * d,
                 "w_gate": d * self.intermediate_size, "w_up": d * self.intermediate_size,
                 "w_down": self.intermediate_size * d}
+
+
+def _hf_dimension(config: Any, names: Sequence[str], default: Optional[int] = None) -> int:
+    """The first of ``names`` that ``config`` sets, else ``default``."""
+    value = next((v for v in (getattr(config, name, None) for name in names) if v is not None), default)
+    if value is None:
+        raise ValueError(f"{type(config).__name__}: sets none of {list(names)}, a dimension the estimate needs")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -263,26 +289,66 @@ def activation_bytes(
     return Activations(saved=saved, recompute=recompute, logits_grad=2 * FP32 * s.vocab_size * tokens)
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """How FSDP spreads one rank's bytes, as train.py sets it up (:mod:`llmhift.builders`)."""
+
+    version: int  # 1 or 2, llmhift.builders.fsdp_version()
+    strategy: str  # fsdp_config.sharding_strategy
+    reshard_after_forward: bool  # a block's gathered weights are freed after its forward
+    world_size: int
+
+    @classmethod
+    def of(cls, config: Any, world_size: int) -> Optional["Sharding"]:
+        """None without ``fsdp_config``; ValueError for a strategy the run would refuse."""
+        if not config.fsdp_config:
+            return None
+        strategy = config.fsdp_config.get("sharding_strategy", "FULL_SHARD")
+        if fsdp_version() == 1:
+            if strategy not in FSDP1_STRATEGIES:
+                raise ValueError(f"fsdp_config.sharding_strategy: no memory model for {strategy!r} under FSDP1; "
+                                 f"known: {FSDP1_STRATEGIES}")
+            return cls(1, strategy, strategy == "FULL_SHARD", world_size)
+        # The FSDP2 config the run builds: its error for a strategy FSDP2 lacks, a reshard_after_forward
+        # the yaml sets over the strategy's.
+        fsdp2 = parallelism_config(config)["fsdp"]
+        return cls(2, strategy, bool(fsdp2.reshard_after_forward), world_size)
+
+    @property
+    def weight_ranks(self) -> int:
+        """Ranks the stored weights are split over."""
+        return self.world_size if self.version == 2 or self.strategy == "FULL_SHARD" else 1
+
+    @property
+    def state_ranks(self) -> int:
+        """Ranks the gradients and optimizer state are split over."""
+        return self.world_size if self.version == 2 or self.strategy != "NO_SHARD" else 1
+
+    @property
+    def label(self) -> str:
+        if self.version == 2 and self.reshard_after_forward != RESHARD_AFTER_FORWARD[self.strategy]:
+            return f"FSDP2 {self.strategy} (reshard_after_forward: {str(self.reshard_after_forward).lower()})"
+        return f"FSDP{self.version} {self.strategy}"
+
+
 def state_bytes(params: int, tensors: int, trained_params: int, trained_tensors: int, *, optimizer: str,
-                weight: int = FP32, master_params: int = 0, world_size: int = 1,
-                sharding: Optional[str] = None) -> dict[str, int]:
+                weight: int = FP32, master_params: int = 0, weight_ranks: int = 1,
+                state_ranks: int = 1) -> dict[str, int]:
     """Bytes of weights, gradients and optimizer state per GPU.
 
     ``params``/``tensors``: every parameter (elements / tensors), stored in ``weight`` bytes each;
     ``trained_*``: those with gradients and optimizer state on the GPU at once (all of them, or the
-    largest HiFT group); ``master_params``: fp32 master copies (HiFT with ``param_dtype``).
+    largest HiFT group); ``master_params``: fp32 master copies (HiFT with ``param_dtype``);
+    ``weight_ranks``/``state_ranks``: the ranks FSDP splits the weights / the gradients and optimizer
+    state over (:class:`Sharding`).
     """
     if optimizer not in OPTIMIZER_MOMENTS:
         raise ValueError(f"optimizer.name: no memory model for {optimizer!r}; known: {sorted(OPTIMIZER_MOMENTS)}")
-    if sharding is not None and sharding not in SHARDING_STRATEGIES:
-        raise ValueError(f"fsdp_config.sharding_strategy: {sharding!r} is not one of {SHARDING_STRATEGIES}")
-    split = world_size if sharding in ("FULL_SHARD", "SHARD_GRAD_OP") else 1
-    weights_split = world_size if sharding == "FULL_SHARD" else 1
     moments = OPTIMIZER_MOMENTS[optimizer]
     return {
-        "weights": math.ceil((params * weight + master_params * FP32) / weights_split),
-        "gradients": math.ceil(trained_params * FP32 / split),
-        "optimizer": math.ceil((trained_params * moments * FP32 + trained_tensors * FP32) / split),
+        "weights": math.ceil((params * weight + master_params * FP32) / weight_ranks),
+        "gradients": math.ceil(trained_params * FP32 / state_ranks),
+        "optimizer": math.ceil((trained_params * moments * FP32 + trained_tensors * FP32) / state_ranks),
     }
 
 
@@ -318,24 +384,28 @@ def default_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _hift_groups(model: nn.Module, section: dict[str, Any]) -> list[tuple[list[nn.Parameter], list[str]]]:
-    """Each group HiFT trains at once (a cycled group plus ``always_active``), formed as
-    :class:`~llmhift.callbacks.hift.HiFTCallback` forms them at INIT: (its parameters, its unit names)."""
-    from llmhift.callbacks.hift import HiFTCallback
-
-    units = HiFTCallback.find_units(model)
-    named = dict(model.named_parameters())
-    n = len(units)
-    frozen = {u % n for u in section.get("freeze_layers", ())}
-    always = sorted({u % n for u in section.get("always_active", ())})
-    cycled = [u for u in range(n) if u not in frozen and u not in always]
-    size = section.get("group_element", 1)
-    groups = [cycled[i : i + size] + always for i in range(0, len(cycled), size)]
-    return [([named[name] for u in group for name in units[u][1]], [units[u][0] for u in group]) for group in groups]
+def _hift_groups(model: nn.Module, hift: HiFTCallback) -> list[tuple[list[nn.Parameter], list[str]]]:
+    """Each set of units HiFT trains at once (a cycled group plus ``always_active``): (its parameters,
+    its unit names). The callback's own INIT forms the groups and raises the run's errors; it runs on
+    a copy of ``model``, since it also freezes ``freeze_layers`` and casts to ``param_dtype``."""
+    state = State(model=copy.deepcopy(model), rank_zero_seed=0, run_name="dry-run", device=DeviceCPU())
+    hift.init(state, Logger(state))
+    named = dict(model.named_parameters())  # the copy's names are the model's
+    sets = [hift.units_trained_with(g) for g in range(len(hift.groups))]
+    return [([named[name] for u in units for name in hift.units[u][1]], [hift.units[u][0] for u in units])
+            for units in sets]
 
 
 def _numel(params: Sequence[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
+
+
+def _blocks(model: nn.Module) -> list[int]:
+    """Elements of each decoder block: FSDP shards every block as its own unit (the model's
+    ``fsdp_wrap_fn``), the blocks HiFT finds too."""
+    named = dict(model.named_parameters())
+    return [sum(named[n].numel() for n in names) for unit, names in HiFTCallback.find_units(model)
+            if unit.startswith("block.")]
 
 
 def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: int) -> MemoryEstimate:
@@ -343,16 +413,16 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
 
     ``model`` is what the optimizer trains: ComposerLlama with its L0 module, or the Hugging Face
     model that ComposerHFCausalLM wraps; ``shape`` its dimensions (the activation formula is
-    ComposerLlama's; Hugging Face LLaMA-family models save the same tensors).
+    ComposerLlama's; Hugging Face LLaMA-family models save the same tensors). Raises ValueError for
+    settings it has no model for or the run would refuse.
     """
     optimizer = config.optimizer.name
-    if optimizer not in OPTIMIZER_MOMENTS:
-        raise ValueError(f"optimizer.name: no memory model for {optimizer!r}")
+    sharding = Sharding.of(config, world_size)
+    weight_ranks, state_ranks = (sharding.weight_ranks, sharding.state_ranks) if sharding else (1, 1)
     fsdp = dict(config.fsdp_config or {})
-    sharding = fsdp.get("sharding_strategy", "FULL_SHARD") if config.fsdp_config else None
     amp = config.precision != "fp32"
-    hift = dict(config.callbacks["hift"] or {}) if "hift" in config.callbacks else None
-    stored = HALF if hift and hift.get("param_dtype") else FP32
+    hift = next((c for c in build_callbacks(config) if isinstance(c, HiFTCallback)), None)
+    stored = HALF if hift is not None and hift.param_dtype else FP32
     computed = stored
     if amp and fsdp and str(fsdp.get("mixed_precision", "DEFAULT")).upper() in ("DEFAULT", "PURE"):
         computed = HALF  # Composer's FSDP gathers the weights in the autocast dtype
@@ -375,53 +445,60 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
         groups = _hift_groups(model, hift)
         trained = max((g for g, _ in groups), key=_numel)
         mine = {id(p) for p in trained}
-        others = list({id(p): p for g, _ in groups for p in g if id(p) not in mine}.values())
+        # parked between their turns; with optimizer_state: reset their state is dropped instead
+        others = [] if hift.optimizer_state == "reset" else list(
+            {id(p): p for g, _ in groups for p in g if id(p) not in mine}.values())
         master = _numel(trained) if stored == HALF else 0
         acts = max((activation_bytes(shape, micro, seq_len, trained_units=units, **kwargs) for _, units in groups),
                    key=lambda a: a.saved + a.recompute)
     state = state_bytes(_numel(params), len(params), _numel(trained), len(trained), optimizer=optimizer,
-                        weight=stored, master_params=master, world_size=world_size, sharding=sharding)
-    gathered = _gathered_bytes(shape, sharding, computed, _numel(params))
+                        weight=stored, master_params=master, weight_ranks=weight_ranks, state_ranks=state_ranks)
+    gathered = _gathered_bytes(sharding, _blocks(model), computed, _numel(params)) if sharding else 0
     # The loss backward's buffers are freed before the first block is rebuilt: the larger one counts.
     working = gathered + max(acts.recompute, acts.logits_grad)
-    host = _numel(others) * OPTIMIZER_MOMENTS[optimizer] * FP32 + len(others) * FP32  # parked HiFT state
+    # parked HiFT state, sharded like its parameters under FSDP2
+    host = math.ceil((_numel(others) * OPTIMIZER_MOMENTS[optimizer] * FP32 + len(others) * FP32) / state_ranks)
     estimate = MemoryEstimate(**state, activations=acts.saved, working=working, host=host)
 
-    where = f"{sharding} over {world_size} ranks" if sharding else f"no FSDP, {world_size} rank(s)"
+    where = f"{sharding.label} over {world_size} ranks" if sharding else f"no FSDP, {world_size} rank(s)"
     estimate.heading = (f"memory per GPU (estimate): {where}, {config.precision}, {optimizer}, micro-batch "
                         f"{micro} x {seq_len} tokens{', activation checkpointing' if checkpointing else ''}")
-    split = f" / {world_size} ranks" if sharding in ("FULL_SHARD", "SHARD_GRAD_OP") and world_size > 1 else ""
+    split = f" / {world_size} ranks" if state_ranks > 1 else ""
     l0_count = _numel(list(l0.parameters())) if l0 is not None else 0
     scope = f"HiFT's largest group, {_numel(trained):,}" if hift is not None else f"{_numel(trained):,}"
+    kept = sharding is not None and not sharding.reshard_after_forward and sharding.strategy != "NO_SHARD"
     estimate.notes = {
         "weights": (f"{_numel(params):,} parameters" + (f" ({l0_count:,} of them L0 masks)" if l0_count else "")
-                    + f", {'bf16' if stored == HALF else 'fp32'}" + (split if sharding == "FULL_SHARD" else "")
+                    + f", {'bf16' if stored == HALF else 'fp32'}" + (split if weight_ranks > 1 else "")
                     + (f", + fp32 master of {master:,}" if master else "")),
         "gradients": f"fp32, {scope} parameters{split}",
         "optimizer": f"{OPTIMIZER_MOMENTS[optimizer]} fp32 moments + a step per tensor, {scope} parameters{split}",
         "activations": (f"saved for backward, {'bf16' if computed == HALF or amp else 'fp32'} compute"
                         f"{', masked weights' if masking else ''}{', HiFT worst group' if hift is not None else ''}"
                         ", and the logits"),
-        "working": ("weights FSDP gathers and their gradients, " if gathered else "")
-                   + ("one block recomputed" if acts.recompute > acts.logits_grad else "the logits' gradient"),
-        "host": "optimizer state of the other HiFT groups, in CPU memory",
+        "working": (("weights FSDP gathers" + (" (every block, kept from forward to backward)" if kept else "")
+                     + " and their gradients, " if gathered else "")
+                    + ("one block recomputed" if acts.recompute > acts.logits_grad else "the logits' gradient")),
+        "host": "optimizer state of the other HiFT groups, in CPU memory" + (split if host else ""),
     }
     return estimate
 
 
-def _gathered_bytes(shape: ModelShape, sharding: Optional[str], computed: int, n_params: int) -> int:
+def _gathered_bytes(sharding: Sharding, blocks: Sequence[int], computed: int, n_params: int) -> int:
     """Unsharded weights FSDP holds at its peak, with their unsharded gradients before the
-    reduce-scatter. Each decoder block is its own FSDP unit (``fsdp_wrap_fn``); the rest of the
-    decoder (embeddings, final norm, head) is one unit, gathered through the whole forward (around
-    the blocks) and again through the whole backward; the L0 masks are a few more parameters."""
-    if sharding is None:
-        return 0
-    if sharding == "NO_SHARD":
+    reduce-scatter. Each decoder block is its own FSDP unit; the rest of the model (embeddings, final
+    norm, head, L0 masks) is the root unit, gathered through the whole forward (around the blocks)
+    and again through the whole backward."""
+    if sharding.version == 1 and sharding.strategy == "NO_SHARD":
         return n_params * computed if computed != FP32 else 0  # FSDP's low-precision copy
-    if sharding == "SHARD_GRAD_OP":
+    if sharding.version == 1 and sharding.strategy == "SHARD_GRAD_OP":
         return 2 * n_params * computed  # gathered from forward to the end of backward, and the gradients
-    block = sum(shape.matrices().values()) + 2 * shape.d_model
-    outer = n_params - shape.n_layers * block
-    # the outer unit, the block computing and the next one prefetched; the gradients of the outer unit
+    block = max(blocks, default=0)
+    outer = n_params - sum(blocks)
+    if not sharding.reshard_after_forward:
+        # FSDP2 keeps every block gathered from its forward to its backward: at the start of backward
+        # all weights are, with the gradients of the root unit and of the block computing.
+        return n_params * computed + (outer + block) * computed
+    # the root unit, the block computing and the next one prefetched; the gradients of the root unit
     # and of one block
     return (outer + 2 * block) * computed + (outer + block) * computed

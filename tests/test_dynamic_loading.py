@@ -220,3 +220,13 @@ def _planned_draws(demo_root, rank):
                       rank=rank, world_size=2)  # fmt: skip
     iterator = iter(planned)
     return [next(iterator) for _ in range(24)]
+
+
+def test_state_round_trips_and_reads_the_older_list_form():
+    history = [{"batch": 100, "sample": 1600, "proportion": [0.1, 0.2, 0.3, 0.4]}]
+    saved = DynamicLoadingCallback(DEMO_DOMAINS, [0.25] * 4, [1.0] * 4)
+    saved.history = [dict(entry) for entry in history]
+    for state in (saved.state_dict(), {"history": history}):  # as written now / before sharded checkpoints
+        loaded = DynamicLoadingCallback(DEMO_DOMAINS, [0.25] * 4, [1.0] * 4)
+        loaded.load_state_dict(state)
+        assert loaded.history == history

@@ -123,6 +123,10 @@ def test_resumed_from_the_sharded_checkpoint_and_each_step_trained_its_unit(runs
     names = json.loads((tmp / "first" / "rank0.json").read_text())["names"]
     for step, changed in steps.items():
         assert changed == [n for n in names if unit_of(n) == UNITS[step % len(UNITS)]], step
+    # and only the active unit's parameters hold optimizer state in the optimizer (the rest is parked)
+    for launch in ("first", "resumed"):
+        for step, with_state in json.loads((tmp / launch / "rank0.json").read_text())["with_state"].items():
+            assert with_state == sorted(steps[int(step)]), (launch, step)
     # HiFT's own log of the active group: every batch once, across both launches
     logged = [json.loads(line) for line in (tmp / "fsdp" / "metrics.jsonl").read_text().splitlines()]
     groups = [(d["batch"], d["hift/active_group"]) for d in logged if "hift/active_group" in d]
@@ -234,13 +238,17 @@ def _rank_main(argv: list[str]) -> int:
 
         def __init__(self) -> None:
             self.changed: dict[int, list[str]] = {}
+            self.with_state: dict[int, list[str]] = {}  # parameters holding optimizer state after the step
 
         def fit_start(self, state, logger) -> None:
             self.last = {n: local(p) for n, p in state.model.named_parameters()}
 
         def batch_end(self, state, logger) -> None:
             now = {n: local(p) for n, p in state.model.named_parameters()}
-            self.changed[int(state.timestamp.batch) - 1] = [n for n in now if not torch.equal(now[n], self.last[n])]
+            step = int(state.timestamp.batch) - 1
+            self.changed[step] = [n for n in now if not torch.equal(now[n], self.last[n])]
+            names = {id(p): n for n, p in state.model.named_parameters()}
+            self.with_state[step] = sorted(names[id(p)] for p in state.optimizers[0].state)
             self.last = now
 
     out, overrides = Path(argv[0]), argv[1:]
@@ -258,7 +266,7 @@ def _rank_main(argv: list[str]) -> int:
             torch.save(parked, out / "parked.pt")
 
     record, exit_code = run_train_main([YAML, *overrides], setup)
-    result.update(started=record["start_batch"], changed=recorder.changed)
+    result.update(started=record["start_batch"], changed=recorder.changed, with_state=recorder.with_state)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{dist.get_global_rank()}.json").write_text(json.dumps(result))
     return exit_code

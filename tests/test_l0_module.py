@@ -165,3 +165,14 @@ def test_lag_lr_and_the_callback_are_required():
     config.callbacks = {}
     with pytest.raises(ConfigError, match="callbacks.pruning"):
         build_l0_module(config)
+
+
+def test_checkpoints_with_scalar_lambdas_still_load():
+    """Before FSDP2 support the Lagrange multipliers were 0-dim; such checkpoints load into (1,) vectors."""
+    l0 = L0Module(MHA, TARGET, ALL)
+    old = {k: (v.reshape(()) if k.startswith("lambda_") else v) + 0.25 for k, v in l0.state_dict().items()}
+    fresh = L0Module(MHA, TARGET, ALL)
+    fresh.load_state_dict(old, strict=True)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value.reshape(old[key].shape), old[key]), key
+    assert fresh.lambda_1["head"].shape == (1,)

@@ -10,10 +10,11 @@ import torch
 from composer import Callback, Trainer
 from composer.utils import reproducibility
 from torch.utils.data import DataLoader, Dataset
+from transformers import BloomConfig, GPT2Config, OPTConfig
 
 import train
-from llmhift.builders import OPTIMIZERS, build_callbacks, build_model, build_optimizer
-from llmhift.config import config_from_dict
+from llmhift.builders import OPTIMIZERS, build_callbacks, build_model, build_optimizer, parallelism_config
+from llmhift.config import ConfigError, config_from_dict
 from llmhift.memory_estimate import (
     OPTIMIZER_MOMENTS,
     ModelShape,
@@ -102,10 +103,13 @@ def test_weights_gradients_optimizer_match_a_real_step(kind):
         assert estimate.weights == 4 * (sum(p.numel() for p in model.model.parameters()) + l0)
 
 
-def test_hift_group_state_matches_a_real_cycle():
+@pytest.mark.parametrize("optimizer_state", ["keep", "reset"])
+def test_hift_group_state_matches_a_real_cycle(optimizer_state):
     """HiFT with bf16 weights: per step, the active group's fp32 masters, gradients and optimizer
-    state, and the other groups' state parked on the host; the dry run reports the largest group."""
-    config = _config(callbacks={"hift": {"group_element": 1, "param_dtype": "bfloat16"}})
+    state, and the other groups' state parked on the host (``keep``; ``reset`` parks nothing); the dry
+    run reports the largest group."""
+    config = _config(callbacks={"hift": {"group_element": 1, "param_dtype": "bfloat16",
+                                         "optimizer_state": optimizer_state}})
     model, hift, steps = _fit(config, batches=6)  # units: embedding, block 0, block 1, norm, head; then again
     params = dict(model.named_parameters())
     cycled = {n for _, names in hift.units for n in names}
@@ -116,7 +120,8 @@ def test_hift_group_state_matches_a_real_cycle():
                                optimizer="decoupled_adamw", weight=2, master_params=n_group)
         assert {k: measured[k] for k in expected} == expected, step
     others = cycled - {n for u in hift.groups[hift.group_at(5)] for n in hift.units[u][1]}
-    assert steps[5]["host"] == sum(params[n].numel() * 8 + 4 for n in others)  # after a full cycle
+    parked = sum(params[n].numel() * 8 + 4 for n in others) if optimizer_state == "keep" else 0
+    assert steps[5]["host"] == parked  # after a full cycle
 
     fresh = build_model(config)  # as the dry run sees it: HiFT has not frozen any unit yet
     estimate = estimate_run(config, fresh, ModelShape.from_llama(fresh.config), world_size=1)
@@ -126,7 +131,27 @@ def test_hift_group_state_matches_a_real_cycle():
         largest["weights"], largest["gradients"], largest["optimizer"])
     # host: every cycled parameter's state but the largest group's (moments and step counters)
     block0 = {n for u in hift.groups[1] for n in hift.units[u][1]}
-    assert estimate.host == sum(params[n].numel() * 8 + 4 for n in cycled - block0)
+    parked = sum(params[n].numel() * 8 + 4 for n in cycled - block0) if optimizer_state == "keep" else 0
+    assert estimate.host == parked
+
+
+def test_hift_groups_are_the_callbacks_own():
+    """The groups come from HiFTCallback's INIT: always_active units join every group, frozen units
+    none, and its errors are the run's."""
+    block = 4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 96 + 2 * 64  # wq, wk, wv, wo (2 kv heads), MLP, norms
+    embedding = head = 256 * 64
+    config = _config(callbacks={"hift": {"group_element": 2, "always_active": [0, -1], "freeze_layers": [3]}})
+    model = build_model(config)
+    assert sum(p.numel() for p in model.model.layers[0].parameters()) == block
+    estimate = estimate_run(config, model, ModelShape.from_llama(model.config), world_size=1)
+    # units: embedding, block 0, block 1, norm (frozen), head; groups [block 0, block 1] and none else
+    assert estimate.gradients == 4 * (2 * block + embedding + head)
+    assert estimate.host == 0  # one cycled group (the norm is frozen, else it would wait on the host)
+    assert all(p.requires_grad for p in model.parameters())  # INIT ran on a copy
+
+    clash = _config(callbacks={"hift": {"always_active": [0], "freeze_layers": [-5]}})
+    with pytest.raises(ValueError, match=r"freeze_layers and always_active: both name units \[0\]"):
+        estimate_run(clash, model, ModelShape.from_llama(model.config), world_size=1)
 
 
 def _saved_bytes(model: torch.nn.Module, batch: dict, amp: bool = False) -> int:
@@ -187,13 +212,14 @@ LLAMA2_7B = 6_738_415_616  # 32 x (4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096) + 2
 GiB = 2**30
 
 
-def test_dry_run_prints_the_7b_pruning_estimate(capsys):
+def test_dry_run_prints_the_7b_pruning_estimate(monkeypatch, capsys):
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
     assert 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 2 * 32000 * 4096 + 4096 == LLAMA2_7B
     assert train.main(["yamls/pruning/llama2_7b_to_1.3b.yaml", "--dry-run", "--world-size", "8"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    assert "memory per GPU (estimate): FULL_SHARD over 8 ranks, amp_bf16, decoupled_adamw, micro-batch 4 x 4096 " \
-           "tokens, activation checkpointing" in out
+    assert "memory per GPU (estimate): FSDP2 FULL_SHARD over 8 ranks, amp_bf16, decoupled_adamw, micro-batch " \
+           "4 x 4096 tokens, activation checkpointing" in out
 
     # By hand: L0 masks head [32, 32], intermediate [32, 11008], layer [32], hidden [4096], and 2
     # lambdas per mask; 291 model tensors (9 per layer, embedding, norm, head) + 4 + 8 L0 tensors.
@@ -243,3 +269,94 @@ def test_dry_run_prints_the_7b_hift_estimate(tmp_path, capsys):
     }
     for key, value in expected.items():
         assert f"{value / GiB:8.2f} GiB" in lines[key], (key, lines[key])
+
+
+def test_hf_shapes_of_other_families():
+    """GPT-2 and OPT name their dimensions differently; a config without one is a ValueError naming it."""
+    gpt2 = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256)
+    assert ModelShape.from_hf(GPT2Config(**gpt2)) == ModelShape(64, 2, 4, 4, 16, 4 * 64, 256)  # n_inner None
+    assert ModelShape.from_hf(GPT2Config(**gpt2, n_inner=100)).intermediate_size == 100
+    opt = OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96, vocab_size=256)
+    assert ModelShape.from_hf(opt) == ModelShape(64, 2, 4, 4, 16, 96, 256)
+    with pytest.raises(ValueError, match=r"BloomConfig: sets none of \['intermediate_size', 'ffn_dim', 'n_inner'\]"):
+        ModelShape.from_hf(BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=256))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom"])
+def test_dry_run_of_other_families(family, tmp_path, capsys):
+    """A GPT-2 gets an estimate; a Bloom (no MLP width in its config) a note, not a traceback."""
+    configs = {"gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256),
+               "bloom": BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=256)}
+    configs[family].save_pretrained(tmp_path)
+    assert train.main(["yamls/hift/llama2_7b.yaml", "--dry-run", f"variables.model_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    if family == "gpt2":
+        assert "memory per GPU (estimate): no FSDP, 1 rank(s)" in out
+    else:
+        assert "note: no memory estimate: BloomConfig: sets none of ['intermediate_size'" in out
+
+
+FOUR_LAYERS = dict(n_layers=4)
+
+
+def _sharded(fsdp: dict, world_size: int = 4):
+    config = _config(FOUR_LAYERS, fsdp_config=fsdp, global_train_batch_size=8, device_train_microbatch_size=2)
+    model = build_model(config)
+    return estimate_run(config, model, ModelShape.from_llama(model.config), world_size=world_size), model
+
+
+def test_fsdp2_shards_everything_whatever_the_strategy(monkeypatch):
+    """FSDP2 (train.py's default) splits weights, gradients and optimizer state over the ranks under
+    both strategies; SHARD_GRAD_OP (reshard_after_forward false) keeps every gathered block from
+    forward to backward, FULL_SHARD two (the one computing and the one prefetched)."""
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    single, model = _sharded({}, world_size=1)  # no FSDP, one rank
+    full, _ = _sharded({"sharding_strategy": "FULL_SHARD"})
+    grad_op, _ = _sharded({"sharding_strategy": "SHARD_GRAD_OP"})
+    unset, _ = _sharded({"reshard_after_forward": False})  # the strategy defaults to FULL_SHARD
+    for estimate in (full, grad_op, unset):
+        for key in ("weights", "gradients", "optimizer"):
+            assert getattr(estimate, key) == -(-getattr(single, key) // 4), key
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert grad_op.working - full.working == 2 * block * 4  # blocks 2 and 3 also stay gathered (fp32)
+    assert unset.working == grad_op.working
+    assert "FSDP2 FULL_SHARD over 4 ranks" in full.heading
+    assert "FSDP2 SHARD_GRAD_OP over 4 ranks" in grad_op.heading
+    assert "FSDP2 FULL_SHARD (reshard_after_forward: false) over 4 ranks" in unset.heading
+
+
+@pytest.mark.parametrize("strategy", ["NO_SHARD", "HYBRID_SHARD"])
+def test_fsdp2_refuses_what_the_run_refuses(strategy, monkeypatch):
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    config = _config(fsdp_config={"sharding_strategy": strategy})
+    with pytest.raises(ConfigError) as run:
+        parallelism_config(config)
+    model = build_model(config)
+    with pytest.raises(ValueError) as estimate:
+        estimate_run(config, model, ModelShape.from_llama(model.config), world_size=4)
+    assert str(estimate.value) == str(run.value)
+
+
+def test_fsdp1_strategies(monkeypatch):
+    """FSDP_VERSION=1: FULL_SHARD splits all three, SHARD_GRAD_OP gradients and optimizer state,
+    NO_SHARD nothing."""
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    single, model = _sharded({}, world_size=1)
+    n = sum(p.numel() for p in model.parameters())
+    for strategy, split_weights, split_state in [("FULL_SHARD", True, True), ("SHARD_GRAD_OP", False, True),
+                                                 ("NO_SHARD", False, False)]:
+        estimate, _ = _sharded({"sharding_strategy": strategy})
+        assert f"FSDP1 {strategy} over 4 ranks" in estimate.heading
+        assert estimate.weights == (-(-single.weights // 4) if split_weights else single.weights), strategy
+        for key in ("gradients", "optimizer"):
+            assert getattr(estimate, key) == (-(-getattr(single, key) // 4) if split_state else getattr(single, key))
+        if strategy == "SHARD_GRAD_OP":
+            assert estimate.working == 2 * n * 4 + single.working  # gathered weights and their gradients
+    with pytest.raises(ValueError, match="no memory model for 'HYBRID_SHARD' under FSDP1"):
+        _sharded({"sharding_strategy": "HYBRID_SHARD"})
+
+
+def test_dry_run_refuses_two_activation_checkpointings(capsys):
+    argv = ["yamls/pruning/llama2_7b_to_1.3b.yaml", "--dry-run", "fsdp_config.activation_checkpointing=true"]
+    assert train.main(argv) == 2
+    assert "model.activation_checkpointing: both recompute every block" in capsys.readouterr().err

@@ -198,4 +198,5 @@ class DynamicLoadingCallback(Callback):
         return {"history": json.dumps(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = [dict(entry) for entry in json.loads(state["history"])]
+        history = state["history"]  # a list in checkpoints written before it became a JSON string
+        self.history = [dict(entry) for entry in (json.loads(history) if isinstance(history, str) else history)]

@@ -168,9 +168,12 @@ class HiFTCallback(Callback):
         cycle, position = divmod(step, len(self.groups))
         return self.order(cycle)[position]
 
+    def units_trained_with(self, group: int) -> list[int]:
+        """Unit indices trained while ``group`` is active: the group and ``always_active`` (after INIT)."""
+        return self.groups[group] + self._always
+
     def _names(self, group: int) -> set[str]:
-        units = self.groups[group] + self._always
-        return {name for u in units for name in self.units[u][1]}
+        return {name for u in self.units_trained_with(group) for name in self.units[u][1]}
 
     def _indices(self, key: str, values: Sequence[int]) -> list[int]:
         n = len(self.units)

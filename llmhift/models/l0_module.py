@@ -192,6 +192,13 @@ class L0Module(nn.Module):
         # head_layer / mlp: the target keeps every sublayer; these gates only add freedom in training.
         return _Mask(1, s.n_layers, s.n_layers)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints written before the multipliers became 1-element vectors hold them as scalars.
+        for key in [k for k in state_dict if k.startswith((f"{prefix}lambda_1.", f"{prefix}lambda_2."))]:
+            if state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_parameters(self) -> None:
         with torch.no_grad():
             for z in self.z_loga.values():

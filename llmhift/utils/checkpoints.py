@@ -8,6 +8,7 @@ import mmap
 import os
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,26 +41,27 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / ".metadata").is_file()
 
 
-def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, memory_map: bool = False, model_only: bool = False) -> dict[str, Any]:
     """A Composer checkpoint (``latest-rank0.pt`` or any ``ep*-ba*-rank0.pt``), a sharded checkpoint
     folder, or a bare state dict.
 
-    A sharded folder is gathered into one ordinary checkpoint in this process (no process group),
-    through a temporary file: peak memory is one full copy. Composer checkpoints pickle more than
-    tensors (timestamps, RNG states), so this unpickles in full: only load checkpoints you trust.
-    ``mmap=True`` maps the tensors instead of reading them (``torch.load(mmap=True)``): only those
-    used are read, so taking the weights out of a checkpoint that also holds optimizer state costs
-    the weights alone.
+    Composer checkpoints pickle more than tensors (timestamps, RNG states), so this unpickles in full:
+    only load checkpoints you trust. ``memory_map=True`` maps a file's tensors instead of reading them
+    (``torch.load(mmap=True)``): only those used are read, so the weights of a checkpoint that also holds
+    optimizer state cost the weights alone. A sharded folder is read in this process (no process
+    group); with ``model_only=True`` only its ``state.model`` tensors are read (what the converters
+    need: a 7B pruning checkpoint's weights without its 54 GB of Adam moments), otherwise everything,
+    gathered through a temporary file.
     """
     path = Path(path)
     if is_sharded_checkpoint(path):
-        return _load_sharded(path, mmap)
+        return _load_sharded_model(path) if model_only else _load_sharded(path, memory_map)
     if not path.is_file():
         raise ConversionError(
             f"checkpoint {path} does not exist or is neither a file nor a sharded checkpoint folder (with .metadata)"
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=memory_map)
     except Exception as err:  # torch raises several types for a file that is not a checkpoint
         raise ConversionError(f"{path} is not a readable torch checkpoint: {err}") from err
     if not isinstance(checkpoint, dict):
@@ -67,7 +69,7 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     return checkpoint
 
 
-def _load_sharded(folder: Path, mmap: bool) -> dict[str, Any]:
+def _load_sharded(folder: Path, memory_map: bool) -> dict[str, Any]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory(prefix="llmhift-dcp-") as tmp:
@@ -77,7 +79,34 @@ def _load_sharded(folder: Path, mmap: bool) -> dict[str, Any]:
         except Exception as err:  # a truncated or foreign folder fails in several ways inside torch
             raise ConversionError(f"{folder} is not a readable sharded checkpoint: {err}") from err
         # a mapped file outlives its deletion with the temporary folder (POSIX)
-        return torch.load(gathered, map_location="cpu", weights_only=False, mmap=mmap)
+        return torch.load(gathered, map_location="cpu", weights_only=False, mmap=memory_map)
+
+
+def _load_sharded_model(folder: Path) -> dict[str, Any]:
+    """``{"state": {"model": ...}}`` of a sharded folder: every rank's pieces of each model tensor,
+    read into one whole tensor (DCP flattens nested dicts into dotted keys: ``state.model.<name>``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    prefix = "state.model."
+    try:
+        reader = dcp.FileSystemReader(folder)
+        saved = reader.read_metadata().state_dict_metadata
+        model = {
+            key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in saved.items()
+            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+        }
+        if not model:
+            raise ConversionError(f"{folder} is a sharded checkpoint without model tensors (no {prefix}* keys)")
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"state": {"model": model}}, storage_reader=reader, no_dist=True)
+    except ConversionError:
+        raise
+    except Exception as err:  # a truncated or foreign folder fails in several ways inside torch
+        raise ConversionError(f"{folder} is not a readable sharded checkpoint: {err}") from err
+    return {"state": {"model": model}}
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -220,7 +249,7 @@ def read_llama_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ConversionError(f"{path} is a folder without config.json: not a Hugging Face model folder")
         tied = bool(json.loads((path / "config.json").read_text()).get("tie_word_embeddings", False))
         return hf_to_llmhift_state_dict(read_hf_weights(path), tie_word_embeddings=tied)
-    return model_state_dict(load_checkpoint(path, mmap=True))
+    return model_state_dict(load_checkpoint(path, memory_map=True, model_only=True))
 
 
 def run_config_beside(checkpoint: str | os.PathLike) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def load_llama_checkpoint(
     checkpoint (by ``save_hf_to_composer``) or in the ``config.yaml`` that ``train.py`` saved beside
     it; the weights' shapes. All of them are cross-checked against the shapes.
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, memory_map=True, model_only=True)
     meta = dict(checkpoint.get(LLMHIFT_KEY, {}))
     run_config = run_config_beside(path)
     if "model_config" not in meta and run_config.get("model", {}).get("name") == "llama":

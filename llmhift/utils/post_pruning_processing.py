@@ -143,7 +143,7 @@ def prune_and_save_model(
     l0_values = model_section.pop("l0_module")
     source = LlamaConfig.from_dict({k: v for k, v in model_section.items() if k not in ("name", "pretrained")})
     l0 = L0Module.from_dict(source, l0_values)
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, memory_map=True, model_only=True)
     weights = model_state_dict(checkpoint)
     l0_state = {k[len(MASK_PREFIX):]: v for k, v in weights.items() if k.startswith(MASK_PREFIX)}
     if not l0_state:
