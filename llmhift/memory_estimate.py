@@ -479,7 +479,9 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
         "working": (("weights FSDP gathers" + (" (every block, kept from forward to backward)" if kept else "")
                      + " and their gradients, " if gathered else "")
                     + ("one block recomputed" if acts.recompute > acts.logits_grad else "the logits' gradient")),
-        "host": "optimizer state of the other HiFT groups, in CPU memory" + (split if host else ""),
+        "host": ("optimizer state of the other HiFT groups, in "
+                 + ("offload_dir files, not memory" if hift is not None and hift.offload_dir else "CPU memory")
+                 + (split if host else "")),
     }
     return estimate
 

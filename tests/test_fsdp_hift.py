@@ -198,6 +198,7 @@ REFUSED = {
     "fsdp1": ("1", {}, {}, "FSDP_VERSION=2"),
     "param_dtype": ("2", {}, {"param_dtype": "bfloat16"}, "precision: amp_bf16"),
     "full_checkpoints": ("2", {"state_dict_type": "full"}, {}, "needs 'sharded'"),
+    "offload_dir": ("2", {}, {"offload_dir": "parked"}, "offload_dir: not supported under FSDP"),
 }
 
 

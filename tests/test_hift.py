@@ -3,6 +3,8 @@ gradient accumulation, where the optimizer state lives, and exact resume."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from composer import Callback, Trainer
@@ -304,3 +306,16 @@ def test_bf16_weights_with_an_fp32_master_for_the_active_group_only():
     assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in hift._master.values())  # fp32 kept
     held = {n for n, p in params.items() if p in trainer.state.optimizers[0].state}
     assert held == active and all(s["exp_avg"].dtype == torch.float32 for s in trainer.state.optimizers[0].state.values())
+
+
+def test_offloaded_state_parks_on_disk_and_trains_identically(tmp_path):
+    """``offload_dir``: inactive groups' Adam moments wait in files, and come back bit for bit."""
+    in_memory = run(HiFTCallback(group_element=2))
+    hift = HiFTCallback(group_element=2, offload_dir=str(tmp_path / "parked"))
+    on_disk = run(hift)
+    assert on_disk.losses == in_memory.losses and on_disk.changed == in_memory.changed
+    parked = hift._parked  # after the last step (group 0 active): every other group's state is a file
+    assert parked and all(isinstance(p, Path) and p.is_file() for p in parked.values())
+    assert set(parked) == {n for unit, names in hift.units[2:] for n in names}
+    restored = torch.load(next(iter(parked.values())), weights_only=True)
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(restored)

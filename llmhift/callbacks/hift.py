@@ -9,6 +9,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from composer import Algorithm, Callback, Event, State
 from composer.loggers import Logger
+from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 from torch import nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -67,6 +68,10 @@ class HiFTCallback(Callback):
         param_dtype (str, optional): store the weights as ``bfloat16`` or ``float16`` and keep an fp32
             master copy for the active group only, swapped in for the optimizer step. Default: ``None``.
         seed (int): seed of the ``random`` strategy. Default: ``17``.
+        offload_dir (str, optional): a folder on a fast local disk where ``keep`` parks inactive groups'
+            optimizer state instead of host memory, read back when the group returns: for a machine
+            whose RAM cannot also hold every group's Adam moments (54 GB for a 7B model). Single
+            process or DDP. Default: ``None`` (host memory).
 
     Example:
         >>> trainer = Trainer(model=model, optimizers=DecoupledAdamW(model.parameters(), lr=2e-5),
@@ -101,6 +106,7 @@ class HiFTCallback(Callback):
         optimizer_state: str = "keep",
         param_dtype: Optional[str] = None,
         seed: int = 17,
+        offload_dir: Optional[str] = None,
     ) -> None:
         if not isinstance(group_element, int) or group_element < 1:
             raise ValueError(f"group_element: must be a positive int, got {group_element!r}")
@@ -113,6 +119,7 @@ class HiFTCallback(Callback):
         self.group_element, self.strategy, self.seed = group_element, strategy, seed
         self.freeze_layers, self.always_active = list(freeze_layers), list(always_active)
         self.optimizer_state, self.param_dtype = optimizer_state, param_dtype
+        self.offload_dir = None if offload_dir is None else Path(offload_dir)
         self.units: list[tuple[str, list[str]]] = []  # (unit name, parameter names), bottom to top
         self.groups: list[list[int]] = []  # unit indices of each group, bottom to top
         self._model: Optional[nn.Module] = None
@@ -120,7 +127,7 @@ class HiFTCallback(Callback):
         self._cycled: set[str] = set()  # every unit parameter not in freeze_layers
         self._always: list[int] = []
         self._active: Optional[set[str]] = None  # parameter names trained now
-        self._parked: dict[str, dict[str, Any]] = {}  # inactive parameters' optimizer state, on the CPU
+        self._parked: dict[str, dict[str, Any] | Path] = {}  # inactive parameters' state: on the CPU, or its file
         self._loaded_keys: list[list[str]] = []  # [name, key] of every state tensor the checkpoint holds
         self._prefetched: dict[str, dict[str, Any]] = {}  # next group's state, already on its way back
         self._master: dict[str, torch.Tensor] = {}  # fp32 weights of the active group (param_dtype)
@@ -190,6 +197,9 @@ class HiFTCallback(Callback):
         elif not any(isinstance(a, _FindUnusedParameters) for a in state.algorithms):
             state.algorithms.append(_FindUnusedParameters())  # read by the Trainer after INIT, before DDP
         self._model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
+        if self.offload_dir is not None:
+            self.offload_dir = self.offload_dir / f"rank{dist.get_global_rank()}"
+            self.offload_dir.mkdir(parents=True, exist_ok=True)
         self.units = self.find_units(self._model)
         self._bind()
         frozen = self._indices("freeze_layers", self.freeze_layers)
@@ -219,6 +229,9 @@ class HiFTCallback(Callback):
             raise ValueError("callbacks.hift.param_dtype: not supported under FSDP; drop it and set precision: "
                              "amp_bf16: FSDP2's mixed precision keeps the sharded fp32 weights as the master copy "
                              "and computes with bf16 copies")
+        if self.offload_dir is not None:
+            raise ValueError("callbacks.hift.offload_dir: not supported under FSDP, where each rank parks only its "
+                             "shards (1/world size of the state) in host memory; drop it")
         if config.state_dict_type != "sharded":
             raise ValueError(f"fsdp_config.state_dict_type: HiFT under FSDP needs 'sharded', got "
                              f"{config.state_dict_type!r}: torch cannot load a full optimizer checkpoint into an "
@@ -254,7 +267,7 @@ class HiFTCallback(Callback):
         if state.device.name == "gpu":
             self._stream = torch.cuda.Stream()
         # what a checkpoint brought back arrived on the parameters' device
-        self._parked = {name: self._to_host(s, self._params[name]) for name, s in self._parked.items()}
+        self._parked = {name: self._park(name, s) for name, s in self._parked.items()}
         self._active = None  # whatever holds optimizer state now is parked, the step's group restored
         self._switch(state, int(state.timestamp.batch))
         if self.optimizer_state == "reset":
@@ -325,11 +338,11 @@ class HiFTCallback(Callback):
             self._master.pop(name, None)
             parked = optimizer.state.pop(p, None)
             if parked and self.optimizer_state == "keep":
-                self._parked[name] = self._to_host(parked, p)
+                self._parked[name] = self._park(name, parked)
         for name in sorted(new - (self._active or set())):
             p = self._params[name]
             p.requires_grad_(True)
-            restored = self._prefetched.pop(name, None) or self._to_device(self._parked.get(name), p)
+            restored = self._prefetched.pop(name, None) or self._to_device(self._unpark(name), p)
             self._parked.pop(name, None)
             if restored:
                 optimizer.state[p] = restored
@@ -340,12 +353,27 @@ class HiFTCallback(Callback):
         self._active = new
         self._reshard()
 
+    def _park(self, name: str, tensors: dict[str, Any]) -> dict[str, Any] | Path:
+        """Where an inactive parameter's state waits: host memory, or a file in ``offload_dir``."""
+        tensors = self._to_host(tensors, self._params[name])
+        if self.offload_dir is None:
+            return tensors
+        path = self.offload_dir / f"{name}.pt"
+        torch.save(tensors, path)  # scratch space, rewritten at each park: no need for atomic writes
+        return path
+
+    def _unpark(self, name: str) -> Optional[dict[str, Any]]:
+        parked = self._parked.get(name)
+        if isinstance(parked, Path):
+            return torch.load(parked, map_location="cpu", weights_only=True)
+        return parked
+
     def _prefetch(self, state: State, names: set[str]) -> None:
         if self._stream is None:
             return  # on the CPU "parked" and "active" state share one memory: nothing to overlap
         for name in sorted(names):
             if name in self._parked and name not in self._prefetched:
-                self._prefetched[name] = self._to_device(self._parked[name], self._params[name])
+                self._prefetched[name] = self._to_device(self._unpark(name), self._params[name])
 
     def _to_host(self, tensors: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         """Parameter-shaped state (Adam's moments) moves; scalars such as ``step`` stay where they are.
@@ -398,7 +426,7 @@ class HiFTCallback(Callback):
         if self._optimizer is not None:
             names = {id(p): n for n, p in self._params.items()}
             active = {names[id(p)]: dict(s) for p, s in self._optimizer.state.items() if id(p) in names}
-        optimizer_state = {**{name: dict(s) for name, s in self._parked.items()}, **active}
+        optimizer_state = {**{name: dict(self._unpark(name)) for name in self._parked}, **active}
         return {
             "units": [name for name, _ in self.units],
             "groups": self.groups,
