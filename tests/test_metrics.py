@@ -160,23 +160,24 @@ def _dist_worker(rank: int, world_size: int, out_dir: str) -> None:
     store = os.path.join(out_dir, "rendezvous")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
-    try:
-        built = domain_metrics(DIST_DOMAINS)
-        for logits, targets, domain_idx in rank_batches(rank):
-            for metric in built.values():
-                metric.update(logits, targets, domain_idx)
-        with warnings.catch_warnings(record=True):
-            warnings.simplefilter("always")
-            values = {name: metric.compute().item() for name, metric in built.items()}
-        result = {
-            "values": values,
-            "has_data": {name: metric.has_data() for name, metric in built.items()},
-            # compute() restores the rank's own states afterwards, so accumulation could go on.
-            "local_tokens": {name: metric.total_tokens.item() for name, metric in built.items()},
-        }
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    built = domain_metrics(DIST_DOMAINS)
+    for logits, targets, domain_idx in rank_batches(rank):
+        for metric in built.values():
+            metric.update(logits, targets, domain_idx)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        values = {name: metric.compute().item() for name, metric in built.items()}
+    result = {
+        "values": values,
+        "has_data": {name: metric.has_data() for name, metric in built.items()},
+        # compute() restores the rank's own states afterwards, so accumulation could go on.
+        "local_tokens": {name: metric.total_tokens.item() for name, metric in built.items()},
+    }
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Both ranks past every collective before either tears down: destroying a gloo group while
+    # the other rank may still be in one hangs now and then (pytorch/pytorch#75097).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.mark.slow
