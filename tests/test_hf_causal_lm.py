@@ -279,6 +279,8 @@ def test_composer_fsdp_shards_each_decoder_block_as_a_unit(arch: str) -> None:
     else:
         model = build(arch)
         blocks = [m for m in model.modules() if type(m).__name__ in model.model._no_split_modules]
+    # _run_policy is private, but it is exactly what Composer's apply_fully_shard calls to pick the units:
+    # asking it avoids a 2-process FSDP launch just to read the wrapped classes.
     units = generate_composer_model_policy(model)._run_policy(root_module=model, ignored_modules=set(), root_kwargs={})
     assert len(blocks) == 2 and list(units) == [model.model, *blocks]
     recomputed = generate_composer_model_check_fn(model)
