@@ -28,6 +28,7 @@ __all__ = [
     "write_hf_weights",
     "read_llama_weights",
     "run_config_beside",
+    "stored_metadata",
 ]
 
 # Where llmhift keeps its own metadata (model config, source HF config, tokenizer files) inside a
@@ -261,3 +262,13 @@ def run_config_beside(checkpoint: str | os.PathLike) -> dict[str, Any]:
         if candidate.is_file():
             return yaml.safe_load(candidate.read_text()) or {}
     return {}
+
+
+def stored_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """llmhift's metadata stored inside a checkpoint file (``model_config``, ``hf_config``,
+    ``tokenizer_files``, ...), or ``{}`` when it holds none. Tools read the model's architecture
+    from here rather than from a yaml that may have changed since the checkpoint was written."""
+    path = Path(path)
+    if is_sharded_checkpoint(path) or not path.is_file():
+        return {}
+    return dict(load_checkpoint(path, memory_map=True).get(LLMHIFT_KEY) or {})
