@@ -49,7 +49,9 @@ class DatasetConfig:
     proportion: Optional[list[float]] = None  # `dynamic` only: initial mix (default: domain sizes)
     lookahead_batches: int = 32  # `dynamic` only: batches until a proportion change applies (> workers*prefetch)
     tokenizer: Optional[str] = None  # `instruction` only: local tokenizer folder (reads <local>/<split>.jsonl)
-    chat_template: Optional[dict[str, str]] = None  # `instruction` only: role -> text around {content}
+    # `instruction` only: {system, human, bot} -> text around {content} (default: llmhift's), or `tokenizer` for
+    # the tokenizer's own chat_template. Any, as OmegaConf has no str-or-dict type; check_data checks it.
+    chat_template: Any = None
     packing: bool = False  # `instruction` only: several conversations per row
 
 

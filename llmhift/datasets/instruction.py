@@ -6,9 +6,17 @@ Each line of ``<folder>/<split>.jsonl`` is either::
     {"chat_rounds": [{"role": "system", "content": "..."}, {"role": "human", "content": "..."},
                      {"role": "bot", "content": "..."}, ...]}        # MFTCoder's roles
 
-A chat template gives each role's text around ``{content}``; the bot's text before ``{content}`` is
-prompt, the content, the rest of the bot template and the EOS token are response. Pieces are
-tokenized one by one and concatenated, so the boundary between prompt and response is exact.
+``messages`` may stand for ``chat_rounds`` and ``user`` / ``assistant`` for ``human`` / ``bot`` (the
+Hugging Face spelling). Every bot turn is trained.
+
+Two templates turn rounds into tokens:
+
+* llmhift's own (the default): a mapping that gives each role's text around ``{content}``; the bot's
+  text before ``{content}`` is prompt, the content, the rest of the bot template and the EOS token
+  are response. Pieces are tokenized one by one and concatenated, so the boundary is exact.
+* ``chat_template="tokenizer"``: the tokenizer's own ``chat_template`` (``apply_chat_template``), as
+  an instruct model was trained with; see :func:`chat_template_segments` for how the boundary is found.
+
 A sample is ``{input_ids, labels, attention_mask}`` of ``max_seq_len`` tokens, padded on the right:
 ``labels`` equal ``input_ids`` on response tokens and are -100 elsewhere (the model shifts them).
 With ``packing`` several conversations share one row (they then attend to each other, as in any
@@ -27,50 +35,166 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping
 
 import torch
+from jinja2 import TemplateError
 from torch.utils.data import Dataset
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llmhift.models.causal_lm import IGNORE_INDEX
 from llmhift.utils.atomic import atomic_directory
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
+    "TOKENIZER_TEMPLATE",
     "InstructionDataset",
     "build_demo_instructions",
+    "chat_template_segments",
     "check_instruction_dataset",
     "encode_conversation",
+    "read_conversations",
+    "resolve_template",
 ]
 
 ROLES = ("system", "human", "bot")
+HF_ROLES = {"system": "system", "human": "user", "bot": "assistant"}  # the names chat templates expect
+ROLE_ALIASES = {"user": "human", "assistant": "bot"}
+TOKENIZER_TEMPLATE = "tokenizer"  # chat_template value that selects the tokenizer's own template
 DEFAULT_CHAT_TEMPLATE = {
     "system": "<|system|>\n{content}\n",
     "human": "<|user|>\n{content}\n",
     "bot": "<|assistant|>\n{content}\n",
 }
+SHAPES = ('{"prompt": str, "response": str} or {"chat_rounds" (or "messages"): '
+          '[{"role": system|human|bot (or user|assistant), "content": str}, ...]}')
 
 
-def _rounds(row: Mapping[str, Any], where: str) -> list[dict[str, str]]:
-    if "chat_rounds" in row:
-        rounds = row["chat_rounds"]
-    elif "prompt" in row and "response" in row:
-        rounds = [{"role": "human", "content": row["prompt"]}, {"role": "bot", "content": row["response"]}]
-    else:
-        raise ValueError(f"{where}: expected keys prompt+response or chat_rounds, got {sorted(row)}")
-    for turn in rounds:
-        if turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
-            raise ValueError(f"{where}: every round needs a role in {ROLES} and a string content, got {turn}")
+def _rounds(row: Any, where: str) -> list[dict[str, str]]:
+    """The row's turns with MFTCoder's role names; ValueError naming ``where``, the field and the shapes."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a line must be a JSON object, got {type(row).__name__}; write {SHAPES}")
+    key = next((k for k in ("chat_rounds", "messages") if k in row), None)
+    if key is None:
+        missing = [k for k in ("prompt", "response") if k not in row]
+        if len(missing) == 2:
+            raise ValueError(f"{where}: no field 'prompt', 'response' or 'chat_rounds' (got {sorted(row)}); "
+                             f"write {SHAPES}")
+        if missing:
+            raise ValueError(f"{where}: field {missing[0]!r} is missing; write {SHAPES}")
+        if not all(isinstance(row[k], str) for k in ("prompt", "response")):
+            raise ValueError(f"{where}: fields 'prompt' and 'response' must be strings; write {SHAPES}")
+        return [{"role": "human", "content": row["prompt"]}, {"role": "bot", "content": row["response"]}]
+    if not isinstance(row[key], list) or not row[key]:
+        raise ValueError(f"{where}: field {key!r} must be a non-empty list of turns; write {SHAPES}")
+    rounds = []
+    for i, turn in enumerate(row[key]):
+        field = f"{key}[{i}]"
+        if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
+            absent = "role" if isinstance(turn, dict) and "role" not in turn else "content"
+            raise ValueError(f"{where}: field {field}.{absent} is missing or not a string; write {SHAPES}")
+        role = ROLE_ALIASES.get(turn["role"], turn["role"])
+        if role not in ROLES:
+            raise ValueError(f"{where}: {field}.role {turn['role']!r} is unknown; use one of "
+                             f"{', '.join(ROLES)} (or {', '.join(ROLE_ALIASES)})")
+        rounds.append({"role": role, "content": turn["content"]})
     if not any(turn["role"] == "bot" for turn in rounds):
-        raise ValueError(f"{where}: no bot round, so nothing to learn")
+        raise ValueError(f"{where}: no bot turn, so nothing to learn; add one or drop the line")
     return rounds
 
 
-def encode_conversation(
-    rounds: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, template: Mapping[str, str]
+def read_conversations(path: Path) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """``(path:line, rounds)`` for every non-blank line; a ValueError names the first bad line."""
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for line_no, line in enumerate(f, 1):
+            where = f"{path}:{line_no}"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg}, column {err.colno}); fix or remove the line") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: not UTF-8 text; re-encode the file as UTF-8") from None
+            yield where, _rounds(row, where)
+
+
+def chat_template_segments(rounds: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """The conversation as rendered by the tokenizer's ``chat_template``, cut into ``(text, is_response)``.
+
+    Why prefix by prefix: a Jinja template is opaque, so the only way to know where a bot turn begins
+    and ends is to render the conversation up to it with ``add_generation_prompt=True`` (the text an
+    inference prompt ends with: every role marker, the assistant header included) and up to and
+    including it; the difference is the bot's turn. ``return_assistant_tokens_mask`` would be simpler
+    but needs ``{% generation %}`` in the template, which the templates that ship with Llama-3, Qwen2
+    and Mistral do not have. The method rests on each rendering being a prefix of the next; a template
+    that rewrites earlier turns (one that drops reasoning from past turns, say) breaks that, and then
+    this raises instead of guessing.
+    """
+    messages = [{"role": HF_ROLES[turn["role"]], "content": turn["content"]} for turn in rounds]
+    name = f"the chat_template of tokenizer {tokenizer.name_or_path}"
+    segments: list[tuple[str, bool]] = []
+    done = ""
+
+    def extend(upto: int, generation_prompt: bool, learn: bool) -> None:
+        nonlocal done
+        text = tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+        if not text.startswith(done):
+            raise ValueError(f"{name} does not render the conversation prefix by prefix (the text before turn "
+                             f"{upto - 1} changes when it is added), so the response tokens cannot be located; "
+                             "leave chat_template unset to use llmhift's template")
+        segments.append((text[len(done):], learn))
+        done = text
+
+    try:
+        for k, turn in enumerate(rounds):
+            if turn["role"] == "bot":
+                extend(k, True, False)  # everything up to the assistant header: prompt
+                extend(k + 1, False, True)  # the bot's content and its end of turn
+        extend(len(rounds), False, False)  # turns after the last bot turn teach nothing
+    except TemplateError as err:
+        raise ValueError(f"{name} fails on this conversation ({err}); fix the data or leave chat_template unset") from None
+    return segments
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of every special token, including added ones (Llama-3's <|eot_id|>) not in all_special_ids."""
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return added | set(tokenizer.all_special_ids)
+
+
+def _encode_with_tokenizer_template(
+    rounds: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and its labels (-100 outside bot responses)."""
+    special = _special_ids(tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, learn in chat_template_segments(rounds, tokenizer):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        stop = 0  # tokens piece[:stop] are learned
+        if learn:
+            ends = [i for i, t in enumerate(piece) if t in special]
+            if not ends:
+                raise ValueError(f"the chat_template of tokenizer {tokenizer.name_or_path} ends a bot turn with no "
+                                 "special token, so the model could not learn to stop; leave chat_template unset")
+            stop = ends[-1] + 1
+        ids.extend(piece)
+        labels.extend(piece[:stop] + [IGNORE_INDEX] * (len(piece) - stop))
+    return ids, labels
+
+
+def encode_conversation(
+    rounds: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, template: Mapping[str, str] | str
+) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and its labels (-100 outside bot responses).
+
+    With ``template == TOKENIZER_TEMPLATE`` a response is the bot's content through its end-of-turn
+    token, taken as the last special token of the turn (``<|eot_id|>``, ``<|im_end|>``): what the
+    template writes after it (ChatML's newline) is glue before the next header and is not learned.
+    Each segment is tokenized alone, as an inference prompt is, so no token straddles the boundary.
+    """
+    if template == TOKENIZER_TEMPLATE:
+        return _encode_with_tokenizer_template(rounds, tokenizer)
     ids: list[int] = []
     labels: list[int] = []
 
@@ -92,6 +216,38 @@ def encode_conversation(
     return ids, labels
 
 
+def resolve_template(chat_template: Mapping[str, str] | str | None) -> Mapping[str, str] | str:
+    """llmhift's template (the default), a checked ``{system, human, bot}`` mapping, or
+    :data:`TOKENIZER_TEMPLATE`; a ValueError starting with ``chat_template:`` otherwise."""
+    if chat_template is None:
+        return DEFAULT_CHAT_TEMPLATE
+    if chat_template == TOKENIZER_TEMPLATE:
+        return TOKENIZER_TEMPLATE
+    if not isinstance(chat_template, Mapping):
+        raise ValueError(f"chat_template: {chat_template!r} is unknown; give {TOKENIZER_TEMPLATE!r} (the "
+                         "tokenizer's own template) or a {system, human, bot} mapping of texts around {content}")
+    template = dict(chat_template)
+    bad = [r for r in ROLES if not isinstance(template.get(r), str) or template[r].count("{content}") != 1]
+    if bad:
+        raise ValueError(f"chat_template: roles {bad} need a text with exactly one {{content}} each")
+    return template
+
+
+def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    if not tokenizer.chat_template:
+        raise ValueError(f"chat_template: tokenizer {tokenizer.name_or_path} has no chat_template; leave "
+                         "chat_template unset for llmhift's {system, human, bot} template, or point "
+                         "dataset.tokenizer at a tokenizer folder that has one")
+
+
+def _encode(where: str, rounds: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
+            template: Mapping[str, str] | str) -> tuple[list[int], list[int]]:
+    try:
+        return encode_conversation(rounds, tokenizer, template)
+    except ValueError as err:
+        raise ValueError(f"chat_template: {where}: {err}") from None
+
+
 class InstructionDataset(Dataset):
     """Tokenized instruction samples from ``<folder>/<split>.jsonl``, all ``max_seq_len`` long.
 
@@ -100,8 +256,8 @@ class InstructionDataset(Dataset):
         split (str): ``train``, ``eval``, ...
         tokenizer (PreTrainedTokenizerBase): needs an EOS token; padding uses its pad token (or EOS).
         max_seq_len (int): tokens per sample.
-        chat_template (Mapping[str, str], optional): role -> text with one ``{content}``.
-            Default: :data:`DEFAULT_CHAT_TEMPLATE`.
+        chat_template (Mapping[str, str] | str, optional): role -> text with one ``{content}``, or
+            :data:`TOKENIZER_TEMPLATE` for the tokenizer's own. Default: :data:`DEFAULT_CHAT_TEMPLATE`.
         packing (bool): fill rows with several conversations. Default: ``False``.
     """
 
@@ -111,13 +267,12 @@ class InstructionDataset(Dataset):
         split: str,
         tokenizer: PreTrainedTokenizerBase,
         max_seq_len: int,
-        chat_template: Optional[Mapping[str, str]] = None,
+        chat_template: Mapping[str, str] | str | None = None,
         packing: bool = False,
     ) -> None:
-        template = dict(chat_template or DEFAULT_CHAT_TEMPLATE)
-        bad = [r for r in ROLES if template.get(r, "").count("{content}") != 1]
-        if bad:
-            raise ValueError(f"chat_template: roles {bad} need a text with exactly one {{content}} each")
+        template = resolve_template(chat_template)
+        if template == TOKENIZER_TEMPLATE:
+            _require_chat_template(tokenizer)
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer: has no EOS token; responses must end with one")
         path = Path(folder) / f"{split}.jsonl"
@@ -126,12 +281,9 @@ class InstructionDataset(Dataset):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.max_seq_len = max_seq_len
         conversations = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    rounds = _rounds(json.loads(line), f"{path}:{line_no}")
-                    ids, labels = encode_conversation(rounds, tokenizer, template)
-                    conversations.append((ids[:max_seq_len], labels[:max_seq_len]))
+        for where, rounds in read_conversations(path):
+            ids, labels = _encode(where, rounds, tokenizer, template)
+            conversations.append((ids[:max_seq_len], labels[:max_seq_len]))
         # A conversation whose responses were all cut off teaches nothing; its loss would be 0/0.
         self.rows = [c for c in (self._pack(conversations) if packing else conversations)
                      if any(t != IGNORE_INDEX for t in c[1])]
@@ -163,8 +315,12 @@ class InstructionDataset(Dataset):
 
 def check_instruction_dataset(dataset: Any, build_demo: bool = False) -> None:
     """Checks a loader's ``dataset`` section (``local``, ``split``, ``tokenizer``, ``max_seq_len``,
-    ``chat_template``); builds the demo set into ``local`` when asked and missing. Errors start with
-    the offending field's name."""
+    ``chat_template``) and every line of its jsonl before anything heavy starts; builds the demo set
+    into ``local`` when asked and missing. Errors start with the offending field's name.
+
+    With the tokenizer's template, one conversation of each role sequence is encoded here, so a
+    template that does not render prefix by prefix fails now rather than after minutes of tokenizing.
+    """
     path = Path(dataset.local) / f"{dataset.split}.jsonl"
     if build_demo and not path.is_file():
         build_demo_instructions(dataset.local)
@@ -175,10 +331,20 @@ def check_instruction_dataset(dataset: Any, build_demo: bool = False) -> None:
     folder = Path(dataset.tokenizer or "")
     if dataset.tokenizer is None or not (folder / "tokenizer_config.json").is_file():
         raise ValueError(f"tokenizer: {dataset.tokenizer!r} is not a local tokenizer folder (llmhift never downloads)")
-    template = dict(dataset.chat_template or DEFAULT_CHAT_TEMPLATE)
-    bad = [r for r in ROLES if template.get(r, "").count("{content}") != 1]
-    if bad:
-        raise ValueError(f"chat_template: roles {bad} need a text with exactly one {{content}} each")
+    template = resolve_template(dataset.chat_template)
+    shapes: dict[tuple[str, ...], tuple[str, list[dict[str, str]]]] = {}
+    try:
+        for where, rounds in read_conversations(path):
+            shapes.setdefault(tuple(turn["role"] for turn in rounds), (where, rounds))
+    except ValueError as err:
+        raise ValueError(f"local: {err}") from None
+    if not shapes:
+        raise ValueError(f"local: {path} holds no conversation; write one JSON object per line: {SHAPES}")
+    if template == TOKENIZER_TEMPLATE:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        _require_chat_template(tokenizer)
+        for where, rounds in shapes.values():
+            _encode(where, rounds, tokenizer, template)
 
 
 _DEMO_MODULES = ("json", "os.path", "re", "string", "textwrap", "shutil", "random", "math", "itertools",
