@@ -80,18 +80,20 @@ def with_template(base_tokenizer, template, folder, bos=None):
     """A tokenizer folder as an instruct model ships it: special tokens, BOS, and its chat_template."""
     base_tokenizer.save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = template
+    tokenizer.chat_template = template  # None: a base model's tokenizer
     if bos:
         tokenizer.bos_token = bos
     tokenizer.save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 
-def write(folder, rows, raw_lines=()):
+def write(folder, lines):
+    """train.jsonl and eval.jsonl; a str or bytes line is written as it is, anything else as JSON."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(r) for r in rows] + list(raw_lines)
+    data = b"".join((line if isinstance(line, bytes) else line.encode() if isinstance(line, str)
+                     else json.dumps(line).encode()) + b"\n" for line in lines)
     for split in ("train", "eval"):
-        (folder / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
+        (folder / f"{split}.jsonl").write_bytes(data)
     return folder
 
 
@@ -115,7 +117,7 @@ def test_labels_cover_assistant_content_and_end_of_turn_only(name, template, bos
     sample = InstructionDataset(folder, "train", tokenizer, 128, TOKENIZER_TEMPLATE)[0]
     ids, labels = expected(tokenizer, pieces)
     n = len(ids)
-    assert ids == tokenizer.apply_chat_template(HF_MESSAGES, tokenize=True)  # the template's own tokens, unchanged
+    assert ids == tokenizer.apply_chat_template(HF_MESSAGES, tokenize=True, return_dict=False)  # the template's own tokens, unchanged
     assert sample["input_ids"][:n].tolist() == ids
     assert sample["labels"].tolist() == labels + [-100] * (128 - n)  # token by token, padding ignored
     assert sample["attention_mask"].tolist() == [1] * n + [0] * (128 - n)
@@ -177,43 +179,73 @@ def test_train_py_fine_tunes_with_the_tokenizer_template(instructions, base_toke
 
 
 GOOD = {"prompt": "Hi", "response": "Hello."}
-BAD_DATA = {  # fault -> (rows, raw lines after them, what the one-line error must say)
-    "broken_json_line": ([GOOD], ['{"prompt": "Hi", "response": '], "train.jsonl:2: not valid JSON"),
-    "missing_response": ([GOOD, {"prompt": "Hi"}], [], "train.jsonl:2: field 'response' is missing; write"),
-    "missing_content": ([{"chat_rounds": [{"role": "human"}, {"role": "bot", "content": "x"}]}], [],
-                        "train.jsonl:1: field chat_rounds[0].content is missing"),
+THINKING = {"chat_rounds": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "<think>a</think>5"},
+                            {"role": "user", "content": "* 4?"}, {"role": "assistant", "content": "20"}]}
+WITH_TEMPLATE = f"train_loader.dataset.chat_template={TOKENIZER_TEMPLATE}"
+# fault -> (jsonl lines, tokenizer template, overrides, what the one-line error says after `train_loader.dataset.`)
+SUBPROCESS_FAULTS = {
+    "broken_json_line": ([GOOD, '{"prompt": "Hi", "response": '], None, [], "local: ", "train.jsonl:2: not valid JSON"),
+    "missing_response": ([GOOD, {"prompt": "Hi"}], None, [], "local: ",
+                         """train.jsonl:2: field 'response' is missing; write {"prompt": str, "response": str} or"""),
     "unknown_role": ([GOOD, GOOD, {"chat_rounds": [{"role": "tool", "content": "{}"}, {"role": "bot", "content": "x"}]}],
-                     [], "train.jsonl:3: chat_rounds[0].role 'tool' is unknown; use one of system, human, bot"),
-    "tokenizer_without_template": ([GOOD], [], "chat_template: tokenizer"),
+                     None, [], "local: ", "train.jsonl:3: chat_rounds[0].role 'tool' is unknown; use one of system"),
+    "tokenizer_without_template": ([GOOD], None, [WITH_TEMPLATE], "chat_template: tokenizer ",
+                                   "has no chat_template; leave chat_template unset for llmhift's"),
+}
+IN_PROCESS_FAULTS = {
+    "missing_content": ([{"chat_rounds": [{"role": "human"}, {"role": "bot", "content": "x"}]}], None, [], "local: ",
+                        "train.jsonl:1: field chat_rounds[0].content is missing"),
+    "line_not_an_object": ([GOOD, [1, 2]], None, [], "local: ", "train.jsonl:2: a line must be a JSON object, got list"),
+    "no_known_field": ([{"question": "?"}], None, [], "local: ", "train.jsonl:1: no field 'prompt', 'response' or"),
+    "no_bot_turn": ([{"messages": [{"role": "user", "content": "Hi"}]}], None, [], "local: ",
+                    "train.jsonl:1: no bot turn, so nothing to learn"),
+    "not_utf8": ([GOOD, b'{"prompt": "\xff"}'], None, [], "local: ", "train.jsonl:2: not UTF-8 text"),
+    "empty_file": ([], None, [], "local: ", "train.jsonl holds no conversation"),
+    "unknown_template_name": ([GOOD], None, ["train_loader.dataset.chat_template=jinja"], "chat_template: ",
+                              "'jinja' is unknown; give 'tokenizer'"),
+    "template_rewrites_past_turns": ([GOOD, THINKING], DROPS_PAST_REASONING, [WITH_TEMPLATE], "chat_template: ",
+                                     "train.jsonl:2: the chat_template of tokenizer"),
 }
 
 
+def fault_args(root, fault, base_tokenizer):
+    """train.py's arguments for one fault: its jsonl folder and tokenizer under ``root/fault``."""
+    lines, template, overrides, _, _ = {**SUBPROCESS_FAULTS, **IN_PROCESS_FAULTS}[fault]
+    folder = write(root / fault / "data", lines)
+    with_template(base_tokenizer, template, root / fault / "tokenizer")
+    return train_args(folder, root / fault, root / fault / "ck", *overrides)
+
+
+def assert_one_line_error(fault, rc, err, save_folder):
+    field, detail = {**SUBPROCESS_FAULTS, **IN_PROCESS_FAULTS}[fault][3:]
+    assert rc == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: train_loader.dataset.{field}"), err
+    assert detail in lines[0], lines[0]
+    assert not save_folder.exists()  # nothing written before the check
+
+
 @pytest.fixture(scope="module")
-def bad_runs(base_tokenizer, tmp_path_factory):
-    """Every fault through ``python train.py`` at once: five interpreters start in parallel, not one after another."""
-    root = tmp_path_factory.mktemp("bad")
-    base_tokenizer.save_pretrained(root / "data" / "tokenizer")  # no chat_template
-    processes = {}
-    for fault, (rows, raw, _) in BAD_DATA.items():
-        folder = write(root / fault, rows, raw)
-        extra = [f"train_loader.dataset.chat_template={TOKENIZER_TEMPLATE}"] if fault.startswith("tokenizer") else []
-        command = [sys.executable, "train.py", *train_args(folder, root / "data", root / fault / "ck", *extra)]
-        processes[fault] = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True)
+def subprocess_runs(base_tokenizer, tmp_path_factory):
+    """Each fault through ``python train.py``, the interpreters started together rather than one after another."""
+    root = tmp_path_factory.mktemp("faults")
+    processes = {fault: subprocess.Popen([sys.executable, "train.py", *fault_args(root, fault, base_tokenizer)],
+                                         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for fault in SUBPROCESS_FAULTS}
     results = {}
     for fault, process in processes.items():
         out, err = process.communicate(timeout=300)
-        results[fault] = process.returncode, out, err, root / fault / "ck"
+        assert "Traceback" not in out, out
+        results[fault] = process.returncode, err, root / fault / "ck"
     return results
 
 
-@pytest.mark.parametrize("fault", BAD_DATA)
-def test_bad_instruction_data_is_one_line_before_the_model(fault, bad_runs):
-    rc, out, err, save_folder = bad_runs[fault]
-    assert rc == 2 and "Traceback" not in err and "Traceback" not in out, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: train_loader.dataset."), err
-    assert BAD_DATA[fault][2] in lines[0], lines[0]
-    if fault.startswith("tokenizer"):
-        assert "has no chat_template; leave chat_template unset" in lines[0]
-    assert not save_folder.exists()  # nothing written before the check
+@pytest.mark.parametrize("fault", SUBPROCESS_FAULTS)
+def test_bad_instruction_data_is_one_line_from_train_py(fault, subprocess_runs):
+    assert_one_line_error(fault, *subprocess_runs[fault])
+
+
+@pytest.mark.parametrize("fault", IN_PROCESS_FAULTS)
+def test_more_bad_instruction_data_is_one_line(fault, base_tokenizer, tmp_path, capsys):
+    rc = train.main(fault_args(tmp_path, fault, base_tokenizer))
+    assert_one_line_error(fault, rc, capsys.readouterr().err, tmp_path / fault / "ck")

@@ -67,7 +67,7 @@ def test_packing_fills_rows_and_truncation_keeps_learnable_samples(tokenizer, tm
 
 def test_bad_rows_and_templates_are_named(tokenizer, tmp_path):
     folder = write(tmp_path / "d", [{"question": "?"}])
-    with pytest.raises(ValueError, match="train.jsonl:1: expected keys prompt"):
+    with pytest.raises(ValueError, match="train.jsonl:1: no field 'prompt', 'response' or 'chat_rounds'"):
         InstructionDataset(folder, "train", tokenizer, 32)
     folder = write(tmp_path / "e", [{"prompt": "a", "response": "b"}])
     with pytest.raises(ValueError, match="chat_template"):

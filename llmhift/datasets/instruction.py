@@ -90,9 +90,11 @@ def _rounds(row: Any, where: str) -> list[dict[str, str]]:
     rounds = []
     for i, turn in enumerate(row[key]):
         field = f"{key}[{i}]"
-        if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
-            absent = "role" if isinstance(turn, dict) and "role" not in turn else "content"
-            raise ValueError(f"{where}: field {field}.{absent} is missing or not a string; write {SHAPES}")
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where}: field {field} must be an object with a role and a content; write {SHAPES}")
+        for name in ("role", "content"):
+            if not isinstance(turn.get(name), str):
+                raise ValueError(f"{where}: field {field}.{name} is missing or not a string; write {SHAPES}")
         role = ROLE_ALIASES.get(turn["role"], turn["role"])
         if role not in ROLES:
             raise ValueError(f"{where}: {field}.role {turn['role']!r} is unknown; use one of "
@@ -113,13 +115,16 @@ def read_conversations(path: Path) -> Iterator[tuple[str, list[dict[str, str]]]]
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg}, column {err.colno}); fix or remove the line") from None
+                raise ValueError(f"{where}: not valid JSON ({err.msg}, column {err.colno}); "
+                                 "fix or remove the line") from None
             except UnicodeDecodeError:
                 raise ValueError(f"{where}: not UTF-8 text; re-encode the file as UTF-8") from None
             yield where, _rounds(row, where)
 
 
-def chat_template_segments(rounds: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+def chat_template_segments(
+    rounds: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[str, bool]]:
     """The conversation as rendered by the tokenizer's ``chat_template``, cut into ``(text, is_response)``.
 
     Why prefix by prefix: a Jinja template is opaque, so the only way to know where a bot turn begins
@@ -140,9 +145,9 @@ def chat_template_segments(rounds: list[dict[str, str]], tokenizer: PreTrainedTo
         nonlocal done
         text = tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
         if not text.startswith(done):
-            raise ValueError(f"{name} does not render the conversation prefix by prefix (the text before turn "
-                             f"{upto - 1} changes when it is added), so the response tokens cannot be located; "
-                             "leave chat_template unset to use llmhift's template")
+            raise ValueError(f"{name} does not render the conversation prefix by prefix (rendering up to turn "
+                             f"{upto - 1} changes the text of the turns before it), so the response tokens cannot "
+                             "be located; leave chat_template unset to use llmhift's template")
         segments.append((text[len(done):], learn))
         done = text
 
@@ -153,7 +158,8 @@ def chat_template_segments(rounds: list[dict[str, str]], tokenizer: PreTrainedTo
                 extend(k + 1, False, True)  # the bot's content and its end of turn
         extend(len(rounds), False, False)  # turns after the last bot turn teach nothing
     except TemplateError as err:
-        raise ValueError(f"{name} fails on this conversation ({err}); fix the data or leave chat_template unset") from None
+        raise ValueError(f"{name} fails on this conversation ({err}); "
+                         "fix the data or leave chat_template unset") from None
     return segments
 
 
