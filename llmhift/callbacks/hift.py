@@ -8,8 +8,10 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed.checkpoint as dcp
 from composer import Algorithm, Callback, Event, State
+from composer.callbacks import CheckpointSaver
 from composer.loggers import Logger
 from composer.utils import dist
+from composer.utils.file_helpers import format_name_with_dist
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 from torch import nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -18,11 +20,14 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
+from llmhift.utils.atomic import check_inputs, claim_directory
+
 __all__ = ["HiFTCallback"]
 
 STRATEGIES = ("down2up", "up2down", "random")
 STATE_MODES = ("keep", "reset")
 PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+OFFLOAD_COMMAND = "HiFTCallback.offload_dir"  # the marker of a rank's offload folder
 
 
 class _FindUnusedParameters(Algorithm):
@@ -198,8 +203,11 @@ class HiFTCallback(Callback):
             state.algorithms.append(_FindUnusedParameters())  # read by the Trainer after INIT, before DDP
         self._model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
         if self.offload_dir is not None:
-            self.offload_dir = self.offload_dir / f"rank{dist.get_global_rank()}"
-            self.offload_dir.mkdir(parents=True, exist_ok=True)
+            # The run's checkpoints are its input here; the rank folder is HiFT's own or new, never a stranger's.
+            saves = [format_name_with_dist(c.folder, state.run_name) for c in state.callbacks
+                     if isinstance(c, CheckpointSaver) and "://" not in c.folder]
+            check_inputs(self.offload_dir, saves)
+            self.offload_dir = claim_directory(self.offload_dir / f"rank{dist.get_global_rank()}", OFFLOAD_COMMAND)
         self.units = self.find_units(self._model)
         self._bind()
         frozen = self._indices("freeze_layers", self.freeze_layers)

@@ -55,7 +55,7 @@ from streaming.base.format import reader_from_json
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llmhift.utils.atomic import atomic_directory, check_destination
+from llmhift.utils.atomic import atomic_directory, check_destination, check_inputs
 
 __all__ = [
     "MANIFEST_NAME",
@@ -69,6 +69,7 @@ __all__ = [
 
 SPLITS = ("train", "eval")
 MANIFEST_NAME = "manifest.json"
+COMMAND = "llmhift.datasets.prepare"  # the marker of its output folders: --overwrite replaces only those
 
 _SUFFIXES = (".jsonl", ".txt")
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a folder name that needs no quoting
@@ -266,7 +267,9 @@ def prepare_dataset(
     sources = {name: Path(path) for name, path in domains.items()}
     for source in sources.values():
         _input_files(source)
-    check_destination(out, overwrite)  # fail before the slow part, not after it
+    inputs = [*sources.values(), tokenizer_dir]
+    check_inputs(out, inputs)  # fail before the slow part, not after it
+    check_destination(out, overwrite, COMMAND)
     tokenizer = _load_tokenizer(tokenizer_dir)
     dtype = "uint16" if len(tokenizer) <= 1 << 16 else "int32"
 
@@ -291,7 +294,7 @@ def prepare_dataset(
         "columns": {"tokens": f"ndarray:{dtype}:{max_seq_len}", "domain": "str"},
         "splits": {split: {} for split in SPLITS},
     }
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, command=COMMAND, inputs=inputs) as tmp:
         for name, source in sources.items():
             is_eval = _eval_mask(num_docs[name], eval_fraction, seed, name)
             stats = _write_domain(tmp, name, source, text_field, is_eval, tokenizer, max_seq_len, dtype)
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-fraction", type=float, default=0.05, help="documents to eval (default 0.05)")
     parser.add_argument("--text-field", default="text", help="jsonl field holding the text (default text)")
     parser.add_argument("--seed", type=int, default=17, help="seed of the train/eval split (default 17)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous output of this command")
     parser.add_argument("domains", nargs="+", metavar="DOMAIN=PATH", help="a .txt/.jsonl file or a folder of them")
     args = parser.parse_args(argv)
     try:
