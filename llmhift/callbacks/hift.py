@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
-from llmhift.utils.atomic import check_inputs, claim_directory
+from llmhift.utils.atomic import NoSpaceError, check_inputs, claim_directory, is_no_space
 
 __all__ = ["HiFTCallback"]
 
@@ -367,7 +367,14 @@ class HiFTCallback(Callback):
         if self.offload_dir is None:
             return tensors
         path = self.offload_dir / f"{name}.pt"
-        torch.save(tensors, path)  # scratch space, rewritten at each park: no need for atomic writes
+        try:  # scratch space, rewritten at each park: no need for atomic writes
+            with path.open("wb") as f:  # a Python file: a full disk surfaces as ENOSPC, not "write failed"
+                torch.save(tensors, f)
+        except (OSError, RuntimeError) as err:
+            if is_no_space(err):
+                needs = sum(t.numel() * t.element_size() for t in tensors.values() if torch.is_tensor(t))
+                raise NoSpaceError(self.offload_dir, needs) from None
+            raise
         return path
 
     def _unpark(self, name: str) -> Optional[dict[str, Any]]:

@@ -37,6 +37,7 @@ __all__ = [
     "check_destination",
     "check_inputs",
     "claim_directory",
+    "is_no_space",
     "written_by",
 ]
 
@@ -204,7 +205,7 @@ def _apply_umask(root: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def _no_space(err: BaseException) -> bool:
+def is_no_space(err: BaseException) -> bool:
     """Whether ``err`` or an exception it came from is a full disk (torch wraps it in a RuntimeError)."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
@@ -223,9 +224,9 @@ def _prepare(
 ) -> Path:
     out = Path(out).absolute()
     check_inputs(out, inputs)
+    _clean_stale(out)  # first: it may put back the output that a killed run had moved aside
     check_destination(out, overwrite, command, own)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
     return out
 
 
@@ -282,7 +283,7 @@ def atomic_directory(
             _remove(old)
     except BaseException as err:
         _remove(tmp)
-        if _no_space(err):
+        if is_no_space(err):
             raise NoSpaceError(out, needs) from None
         raise
 
@@ -312,7 +313,7 @@ def atomic_file(
         os.replace(tmp, out)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if _no_space(err):
+        if is_no_space(err):
             raise NoSpaceError(out, needs) from None
         raise
 

@@ -155,8 +155,9 @@ def save_composer_to_hf(
         raise ConversionError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ConversionError(f"tokenizer={tokenizer} is not a folder")
-    # The checkpoint's folder is an input too: the run's other checkpoints and config.yaml live there.
-    inputs = [Path(checkpoint_path), Path(checkpoint_path).parent, *([tokenizer] if tokenizer else [])]
+    # A sharded checkpoint is a folder, `latest-rank0.pt` a symlink to it: both are inputs (resolved).
+    # An output beside the checkpoint (ck/hf) is fine; ck itself contains the input and is refused.
+    inputs = [Path(checkpoint_path), *([tokenizer] if tokenizer else [])]
     check_inputs(out_dir, inputs)
     check_destination(out_dir, overwrite, TO_HF)
     config, weights, meta = load_llama_checkpoint(checkpoint_path, config_overrides)
