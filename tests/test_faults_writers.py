@@ -290,7 +290,8 @@ def test_overwrite_of_a_foreign_output_is_refused_and_of_its_own_allowed(fx, tmp
     own = tmp_path / "own"
     for _ in range(2):
         assert run(composer_to_hf.main, "save_composer_to_hf", latest, own, "overwrite=true").returncode == 0
-        assert run(composer_to_hf.main, "save_hf_to_composer", hf, tmp_path / "own.pt", "overwrite=true").returncode == 0
+        result = run(composer_to_hf.main, "save_hf_to_composer", hf, tmp_path / "own.pt", "overwrite=true")
+        assert result.returncode == 0, result.stderr
     (tmp_path / "prune").mkdir()
     _, pruning_ckpt = pruning_checkpoint(tmp_path / "prune", 4, False, PRUNE_MODULES, PRUNE_TARGET)
     (tmp_path / "prune" / "pruned-latest-rank0.pt").write_bytes(b"someone else's file")
@@ -355,10 +356,17 @@ def full_disk(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_enospc_in_every_writer_is_one_line_and_leaves_nothing(fx, full_disk):
+def test_enospc_in_every_writer_is_one_line_and_leaves_nothing(fx, full_disk, monkeypatch):
     latest, hf, raw, tmp = fx["ck"] / "latest-rank0.pt", fx["hf"], fx["raw"], full_disk
     before = tree_hash(fx["root"])
+    (tmp / "prune").mkdir()
+    _FullDisk.written = -10**9  # the pruning checkpoint itself still fits
+    _, pruning_ckpt = pruning_checkpoint(tmp / "prune", 4, False, PRUNE_MODULES, PRUNE_TARGET)
+    monkeypatch.setattr(demo_data, "DOMAINS", {k: (f, 20_000) for k, (f, _) in demo_data.DOMAINS.items()})
     cases = [
+        (post_pruning_processing.main, ["prune_and_save_model", pruning_ckpt], tmp / "prune" / "pruned-latest-rank0.pt",
+         True),
+        (demo_data.main, [tmp / "demo", "--max-seq-len", 16, "--vocab-size", 300], tmp / "demo", False),
         (composer_to_hf.main, ["save_composer_to_hf", latest, tmp / "hf"], tmp / "hf", True),
         (composer_to_hf.main, ["save_hf_to_composer", hf, tmp / "model.pt"], tmp / "model.pt", True),
         (prepare.main, ["--tokenizer", hf, "--max-seq-len", 16, "--out", tmp / "mds", f"a={raw / 'a.jsonl'}",
@@ -370,7 +378,7 @@ def test_enospc_in_every_writer_is_one_line_and_leaves_nothing(fx, full_disk):
         result = run(main, *argv)
         line = assert_error(result, f"error: no space left on device writing {out} (")
         assert ("needs about" in line) == needs_known and line.endswith(" bytes free)"), line
-        assert not out.exists() and leftovers(tmp) == [], line
+        assert not out.exists() and leftovers(tmp) == [] and leftovers(out.parent) == [], line
     assert tree_hash(fx["root"]) == before
 
 
@@ -379,7 +387,8 @@ def test_enospc_in_hift_offload_names_the_folder(full_disk):
     with pytest.raises(NoSpaceError) as full:
         make_trainer(HiFTCallback(group_element=2, offload_dir=str(parked)), max_duration="3ba").fit()
     message = str(full.value)
-    assert message.startswith(f"no space left on device writing {parked / 'rank0'} (needs about ") and "\n" not in message
+    assert message.startswith(f"no space left on device writing {parked / 'rank0'} (needs about ")
+    assert "\n" not in message
 
 
 def test_enospc_while_overwriting_keeps_the_previous_output(fx, tmp_path, monkeypatch):

@@ -32,7 +32,9 @@ Packing: every document's tokens followed by the tokenizer's EOS id, concatenate
 cut into samples of exactly ``L`` tokens; the incomplete tail of each split/domain is dropped.
 Splitting is by document, by a seeded permutation per domain, so train and eval never share a
 document and the same inputs and seed give byte-identical shards. The whole set is written into a
-temp folder beside ``out`` and renamed into place when complete (:mod:`llmhift.utils.atomic`).
+temp folder beside ``out`` and renamed into place when complete (:mod:`llmhift.utils.atomic`). An
+``out`` that is, contains or lies inside an input is refused, and ``--overwrite`` replaces only a
+previous output of this command (its hidden marker file), never a folder it did not write.
 """
 
 from __future__ import annotations

@@ -114,10 +114,11 @@ def _taken(out: Path) -> bool:
 def check_destination(
     out: PathLike, overwrite: bool, command: Optional[str] = None, own: Optional[Callable[[Path], bool]] = None
 ) -> None:
-    """Refuses an ``out`` that holds something; with ``command``, replaces (``overwrite``) only what that
-    command wrote: a folder whose marker names it, or what ``own`` recognises (a file's format).
+    """Refuses an ``out`` that already holds something unless ``overwrite``; with ``command``, even
+    ``overwrite`` may replace only what that command wrote: a folder whose marker names it, or what
+    ``own`` recognises (a file's format, or an output that predates markers).
 
-    Without ``command`` (a cache that only ever holds its own writes) any existing ``out`` may be replaced.
+    Without ``command`` (a cache that only ever holds its own writes) ``overwrite`` replaces anything.
     """
     out = Path(out)
     parent = out.parent

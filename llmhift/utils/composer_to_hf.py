@@ -4,8 +4,9 @@
     python -m llmhift.utils.composer_to_hf save_composer_to_hf CKPT OUT_DIR [key=value ...]
 
 ``save_composer_to_hf`` keys: ``dtype`` (fp32, bf16, fp16; default fp32), ``tokenizer`` (a folder to
-copy into the output), ``overwrite`` (default false), and any LlamaConfig field (``n_heads``,
-``rope_theta``, ...) that neither the checkpoint nor the weights' shapes tell.
+copy into the output), ``overwrite`` (default false; replaces only this command's own previous
+output), and any LlamaConfig field (``n_heads``, ``rope_theta``, ...) that neither the checkpoint nor
+the weights' shapes tell.
 No Hub access: the HF config comes from the weights and the configs stored with them.
 """
 
