@@ -249,6 +249,13 @@ def test_report_output_overlapping_its_runs_is_refused(fx, tmp_path):
     assert run(report.main, runs, "--out", out).returncode == 0
     assert run(report.main, runs, "--out", out).returncode == 0  # its own previous report: refreshed, no flag
     assert (out / "report.md").is_file() and leftovers(tmp_path) == []
+    # A report written before output markers (report.md and PNGs, nothing else) is recognised as one.
+    old = tmp_path / "old_report"
+    old.mkdir()
+    (old / "report.md").write_text("# llmhift run report\n")
+    (old / "teamA_loss.png").write_bytes(b"\x89PNG")
+    assert run(report.main, runs, "--out", old).returncode == 0
+    assert json.loads((old / MARKER_NAME).read_text())["command"] == report.COMMAND
 
 
 def test_hift_offload_dir_overlapping_the_save_folder_is_refused(tmp_path):

@@ -76,7 +76,8 @@ class HiFTCallback(Callback):
         offload_dir (str, optional): a folder on a fast local disk where ``keep`` parks inactive groups'
             optimizer state instead of host memory, read back when the group returns: for a machine
             whose RAM cannot also hold every group's Adam moments (54 GB for a 7B model). Single
-            process or DDP. Default: ``None`` (host memory).
+            process or DDP. Refused when it is, contains or lies inside the save folder, or when its
+            ``rank<N>`` folder holds files of anything but an earlier offload. Default: ``None`` (host memory).
 
     Example:
         >>> trainer = Trainer(model=model, optimizers=DecoupledAdamW(model.parameters(), lr=2e-5),
