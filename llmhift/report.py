@@ -14,13 +14,14 @@ matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from llmhift.utils.atomic import atomic_directory  # noqa: E402
+from llmhift.utils.atomic import OutputError, atomic_directory  # noqa: E402
 
 __all__ = ["Series", "read_metrics", "find_runs", "plot_run", "write_report", "main"]
 
 Series = dict[str, dict[int, float]]  # metric key -> {batch: value}
 EVAL_CE = "metrics/eval/LanguageCrossEntropy"
 DOMAIN_CE, DOMAIN_WEIGHT = "_LanguageCrossEntropy", "_weight"
+COMMAND = "llmhift.report"  # the marker of a report folder: the only non-empty folder a report replaces
 
 
 def read_metrics(path: str | Path) -> Series:
@@ -194,6 +195,13 @@ def _summary(name: str, series: Series, pngs: list[Path]) -> list[str]:
     return lines
 
 
+def _old_report(folder: Path) -> bool:
+    """A report written before output markers: report.md and PNGs only, which proves its origin."""
+    files = list(folder.iterdir()) if folder.is_dir() else []
+    return any(f.name == "report.md" for f in files) and all(
+        f.is_file() and (f.name == "report.md" or f.suffix == ".png") for f in files)
+
+
 def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     """Plots and ``report.md`` for every run under ``root``, into ``out`` (``<root>/report``), atomically."""
     runs = find_runs(root)
@@ -201,7 +209,9 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"{root}: no metrics.jsonl below it; add `loggers: {{jsonl: {{path: "
                                 "${save_folder}/metrics.jsonl}}}` to the run's yaml")
     out = Path(out) if out is not None else Path(root) / "report"
-    with atomic_directory(out, overwrite=True) as tmp:
+    # Its own previous report is refreshed without a flag; anything else in `out` is refused.
+    with atomic_directory(out, overwrite=True, command=COMMAND, inputs=runs.values(),
+                          own=_old_report) as tmp:
         lines = ["# llmhift run report", "", f"Runs under `{root}`, in the order they started.", ""]
         for name, path in runs.items():
             series = read_metrics(path)
@@ -213,13 +223,17 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmhift.report", description=__doc__)
     parser.add_argument("run_dir", help="a folder holding one or more runs' metrics.jsonl (searched recursively)")
-    parser.add_argument("--out", help="where to write the plots and report.md (default RUN_DIR/report)")
+    parser.add_argument("--out", help="a new folder, or a previous report's, for the plots and report.md "
+                        "(default RUN_DIR/report)")
     args = parser.parse_args(argv)
     try:
         report = write_report(args.run_dir, args.out)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (OutputError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"report: {report}")
     return 0
 

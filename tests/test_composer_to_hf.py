@@ -205,7 +205,7 @@ def test_unwritable_destination_is_refused_before_work(checkpoint, tmp_path):
     assert_one_line_error(run_cli("save_composer_to_hf", checkpoint, blocker / "out"), "is not a directory")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("precious")
-    assert_one_line_error(run_cli("save_composer_to_hf", checkpoint, tmp_path / "full"), "overwrite=true")
+    assert_one_line_error(run_cli("save_composer_to_hf", checkpoint, tmp_path / "full"), "not written by save_composer_to_hf")
     assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
     assert_one_line_error(run_cli("save_hf_to_composer", tmp_path / "hf", checkpoint), "overwrite=true")
     assert leftovers(tmp_path) == []

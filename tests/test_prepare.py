@@ -129,19 +129,26 @@ def test_deterministic_and_seeded(corpus: dict, tmp_path: Path) -> None:
 
 
 def test_refuses_non_empty_output_unless_overwrite(corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--overwrite replaces a previous prepare output, never a folder that prepare did not write."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        _run(corpus, out)
     args = ["--tokenizer", str(corpus["tokenizer"]), "--out", str(out), "--max-seq-len", str(L)]
     args += [f"{d}={p}" for d, p in corpus["domains"].items()]
+    assert main([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(out) in err and "not written by" in err and err.count("\n") == 1
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    assert main(args) == 0  # an empty folder is free
+    capsys.readouterr()  # drop its progress bars
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _run(corpus, out)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(out) in err and "--overwrite" in err and err.count("\n") == 1
-    assert (out / "keep.txt").exists()
     assert main([*args, "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert (out / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old folder left beside it
 
 

@@ -8,8 +8,10 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed.checkpoint as dcp
 from composer import Algorithm, Callback, Event, State
+from composer.callbacks import CheckpointSaver
 from composer.loggers import Logger
 from composer.utils import dist
+from composer.utils.file_helpers import format_name_with_dist
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 from torch import nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -18,11 +20,14 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
+from llmhift.utils.atomic import NoSpaceError, check_inputs, claim_directory, is_no_space
+
 __all__ = ["HiFTCallback"]
 
 STRATEGIES = ("down2up", "up2down", "random")
 STATE_MODES = ("keep", "reset")
 PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+OFFLOAD_COMMAND = "HiFTCallback.offload_dir"  # the marker of a rank's offload folder
 
 
 class _FindUnusedParameters(Algorithm):
@@ -71,7 +76,8 @@ class HiFTCallback(Callback):
         offload_dir (str, optional): a folder on a fast local disk where ``keep`` parks inactive groups'
             optimizer state instead of host memory, read back when the group returns: for a machine
             whose RAM cannot also hold every group's Adam moments (54 GB for a 7B model). Single
-            process or DDP. Default: ``None`` (host memory).
+            process or DDP. Refused when it is, contains or lies inside the save folder, or when its
+            ``rank<N>`` folder holds files of anything but an earlier offload. Default: ``None`` (host memory).
 
     Example:
         >>> trainer = Trainer(model=model, optimizers=DecoupledAdamW(model.parameters(), lr=2e-5),
@@ -198,8 +204,11 @@ class HiFTCallback(Callback):
             state.algorithms.append(_FindUnusedParameters())  # read by the Trainer after INIT, before DDP
         self._model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
         if self.offload_dir is not None:
-            self.offload_dir = self.offload_dir / f"rank{dist.get_global_rank()}"
-            self.offload_dir.mkdir(parents=True, exist_ok=True)
+            # The run's checkpoints are its input here; the rank folder is HiFT's own or new, never a stranger's.
+            saves = [format_name_with_dist(c.folder, state.run_name) for c in state.callbacks
+                     if isinstance(c, CheckpointSaver) and "://" not in c.folder]
+            check_inputs(self.offload_dir, saves)
+            self.offload_dir = claim_directory(self.offload_dir / f"rank{dist.get_global_rank()}", OFFLOAD_COMMAND)
         self.units = self.find_units(self._model)
         self._bind()
         frozen = self._indices("freeze_layers", self.freeze_layers)
@@ -359,7 +368,14 @@ class HiFTCallback(Callback):
         if self.offload_dir is None:
             return tensors
         path = self.offload_dir / f"{name}.pt"
-        torch.save(tensors, path)  # scratch space, rewritten at each park: no need for atomic writes
+        try:  # scratch space, rewritten at each park: no need for atomic writes
+            with path.open("wb") as f:  # a Python file: a full disk surfaces as ENOSPC, not "write failed"
+                torch.save(tensors, f)
+        except (OSError, RuntimeError) as err:
+            if is_no_space(err):
+                needs = sum(t.numel() * t.element_size() for t in tensors.values() if torch.is_tensor(t))
+                raise NoSpaceError(self.offload_dir, needs) from None
+            raise
         return path
 
     def _unpark(self, name: str) -> Optional[dict[str, Any]]:

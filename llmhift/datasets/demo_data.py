@@ -55,6 +55,7 @@ __all__ = ["DOMAINS", "EOS_TOKEN", "MARKER_NAME", "build_demo_data", "ensure_dem
 
 EOS_TOKEN = "<|endoftext|>"
 MARKER_NAME = "demo.json"
+COMMAND = "llmhift.datasets.demo_data"  # the marker of its output folders: --overwrite replaces only those
 
 _MAX_SOURCE_BYTES = 16_000  # one module per document: keep documents a few thousand tokens long
 _MIN_DOCSTRING_CHARS = 120  # shorter docstrings are one-liners that say little
@@ -222,7 +223,10 @@ def build_demo_data(
     if not overwrite and (marker := _read_marker(out_dir)) is not None:
         return _check_marker(out_dir, marker, max_seq_len, vocab_size)
     try:
-        with atomic_directory(out_dir, overwrite) as tmp:
+        # Its input is the interpreter's standard library. A folder built before output markers
+        # existed is recognised by demo.json, which only this function writes, and last.
+        with atomic_directory(out_dir, overwrite, command=COMMAND, inputs=[sysconfig.get_paths()["stdlib"]],
+                              own=lambda folder: _read_marker(folder) is not None) as tmp:
             corpus = {
                 name: _capped(documents(), max_chars)
                 for name, (documents, max_chars) in tqdm(DOMAINS.items(), desc="collect demo text", unit="domain")

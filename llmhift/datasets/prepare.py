@@ -32,7 +32,9 @@ Packing: every document's tokens followed by the tokenizer's EOS id, concatenate
 cut into samples of exactly ``L`` tokens; the incomplete tail of each split/domain is dropped.
 Splitting is by document, by a seeded permutation per domain, so train and eval never share a
 document and the same inputs and seed give byte-identical shards. The whole set is written into a
-temp folder beside ``out`` and renamed into place when complete (:mod:`llmhift.utils.atomic`).
+temp folder beside ``out`` and renamed into place when complete (:mod:`llmhift.utils.atomic`). An
+``out`` that is, contains or lies inside an input is refused, and ``--overwrite`` replaces only a
+previous output of this command (its hidden marker file), never a folder it did not write.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from streaming.base.format import reader_from_json
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llmhift.utils.atomic import atomic_directory, check_destination
+from llmhift.utils.atomic import atomic_directory, check_destination, check_inputs
 
 __all__ = [
     "MANIFEST_NAME",
@@ -69,6 +71,7 @@ __all__ = [
 
 SPLITS = ("train", "eval")
 MANIFEST_NAME = "manifest.json"
+COMMAND = "llmhift.datasets.prepare"  # the marker of its output folders: --overwrite replaces only those
 
 _SUFFIXES = (".jsonl", ".txt")
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a folder name that needs no quoting
@@ -266,7 +269,9 @@ def prepare_dataset(
     sources = {name: Path(path) for name, path in domains.items()}
     for source in sources.values():
         _input_files(source)
-    check_destination(out, overwrite)  # fail before the slow part, not after it
+    inputs = [*sources.values(), tokenizer_dir]
+    check_inputs(out, inputs)  # fail before the slow part, not after it
+    check_destination(out, overwrite, COMMAND)
     tokenizer = _load_tokenizer(tokenizer_dir)
     dtype = "uint16" if len(tokenizer) <= 1 << 16 else "int32"
 
@@ -291,7 +296,7 @@ def prepare_dataset(
         "columns": {"tokens": f"ndarray:{dtype}:{max_seq_len}", "domain": "str"},
         "splits": {split: {} for split in SPLITS},
     }
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, command=COMMAND, inputs=inputs) as tmp:
         for name, source in sources.items():
             is_eval = _eval_mask(num_docs[name], eval_fraction, seed, name)
             stats = _write_domain(tmp, name, source, text_field, is_eval, tokenizer, max_seq_len, dtype)
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-fraction", type=float, default=0.05, help="documents to eval (default 0.05)")
     parser.add_argument("--text-field", default="text", help="jsonl field holding the text (default text)")
     parser.add_argument("--seed", type=int, default=17, help="seed of the train/eval split (default 17)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous output of this command")
     parser.add_argument("domains", nargs="+", metavar="DOMAIN=PATH", help="a .txt/.jsonl file or a folder of them")
     args = parser.parse_args(argv)
     try:

@@ -4,8 +4,9 @@
     python -m llmhift.utils.composer_to_hf save_composer_to_hf CKPT OUT_DIR [key=value ...]
 
 ``save_composer_to_hf`` keys: ``dtype`` (fp32, bf16, fp16; default fp32), ``tokenizer`` (a folder to
-copy into the output), ``overwrite`` (default false), and any LlamaConfig field (``n_heads``,
-``rope_theta``, ...) that neither the checkpoint nor the weights' shapes tell.
+copy into the output), ``overwrite`` (default false; replaces only this command's own previous
+output), and any LlamaConfig field (``n_heads``, ``rope_theta``, ...) that neither the checkpoint nor
+the weights' shapes tell.
 No Hub access: the HF config comes from the weights and the configs stored with them.
 """
 
@@ -30,7 +31,7 @@ from llmhift.models.hf_adapter import (
     llmhift_to_hf_state_dict,
 )
 from llmhift.models.llama import LlamaConfig
-from llmhift.utils.atomic import atomic_directory, atomic_file
+from llmhift.utils.atomic import OutputError, atomic_directory, atomic_file, check_destination, check_inputs
 from llmhift.utils.checkpoints import (
     LLMHIFT_KEY,
     load_checkpoint,
@@ -43,6 +44,8 @@ from llmhift.utils.checkpoints import (
 __all__ = ["save_hf_to_composer", "save_composer_to_hf", "load_llama_checkpoint", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WRITTEN_BY = "written_by"  # llmhift metadata key: the command that wrote a single-file output
+TO_COMPOSER, TO_HF = "save_hf_to_composer", "save_composer_to_hf"  # also the commands' output markers
 TOKENIZER_NAMES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
@@ -55,6 +58,30 @@ def _tokenizer_files(folder: Path) -> dict[str, bytes]:
     }
 
 
+def file_written_by(path: Path, command: str) -> bool:
+    """Whether ``path`` is a weights-only file that ``command`` wrote: ``state.model`` and llmhift
+    metadata naming it, nothing else. The shape test keeps a training checkpoint that inherited the
+    metadata from its source from ever counting as one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file at all (torch raises several types): someone else's
+        return False
+    return (
+        isinstance(checkpoint, dict)
+        and set(checkpoint) == {"state", LLMHIFT_KEY}
+        and set(checkpoint["state"]) == {"model"}
+        and isinstance(checkpoint[LLMHIFT_KEY], dict)
+        and checkpoint[LLMHIFT_KEY].get(WRITTEN_BY) == command
+    )
+
+
+def save_torch_file(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk surfaces as ``OSError(ENOSPC)`` (given a
+    path, torch's C++ writer reports only "file write failed")."""
+    with path.open("wb") as f:
+        torch.save(obj, f)
+
+
 def save_hf_to_composer(hf_dir: str | Path, out_path: str | Path, overwrite: bool = False) -> Path:
     """An HF LLaMA/Mistral folder -> a checkpoint whose ``state.model`` loads into ComposerLlama.
 
@@ -62,6 +89,8 @@ def save_hf_to_composer(hf_dir: str | Path, out_path: str | Path, overwrite: boo
     the way back to HF needs nothing else.
     """
     hf_dir = Path(hf_dir)
+    check_inputs(out_path, [hf_dir])
+    check_destination(out_path, overwrite, TO_COMPOSER, lambda path: file_written_by(path, TO_COMPOSER))
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
@@ -75,10 +104,13 @@ def save_hf_to_composer(hf_dir: str | Path, out_path: str | Path, overwrite: boo
             "model_config": config.to_dict(),
             "hf_config": hf_config,
             "tokenizer_files": _tokenizer_files(hf_dir),
+            WRITTEN_BY: TO_COMPOSER,
         },
     }
-    with atomic_file(out_path, overwrite) as tmp:
-        torch.save(checkpoint, tmp)
+    needs = sum(t.numel() * t.element_size() for t in weights.values())
+    with atomic_file(out_path, overwrite, command=TO_COMPOSER, inputs=[hf_dir], needs=needs,
+                     own=lambda path: file_written_by(path, TO_COMPOSER)) as tmp:
+        save_torch_file(checkpoint, tmp)
     return Path(out_path)
 
 
@@ -124,12 +156,18 @@ def save_composer_to_hf(
         raise ConversionError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ConversionError(f"tokenizer={tokenizer} is not a folder")
+    # A sharded checkpoint is a folder, `latest-rank0.pt` a symlink to it: both are inputs (resolved).
+    # An output beside the checkpoint (ck/hf) is fine; ck itself contains the input and is refused.
+    inputs = [Path(checkpoint_path), *([tokenizer] if tokenizer else [])]
+    check_inputs(out_dir, inputs)
+    check_destination(out_dir, overwrite, TO_HF)
     config, weights, meta = load_llama_checkpoint(checkpoint_path, config_overrides)
     hf_weights = {k: v.to(DTYPES[dtype]) for k, v in llmhift_to_hf_state_dict(weights).items()}
     hf_config = hf_config_from_llama(config, meta.get("hf_config"))
     hf_config["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
     tokenizer_files = _tokenizer_files(Path(tokenizer)) if tokenizer else meta.get("tokenizer_files", {})
-    with atomic_directory(out_dir, overwrite) as tmp:
+    needs = sum(t.numel() * t.element_size() for t in hf_weights.values())
+    with atomic_directory(out_dir, overwrite, command=TO_HF, inputs=inputs, needs=needs) as tmp:
         write_hf_weights(hf_weights, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         for name, content in tokenizer_files.items():
@@ -170,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = save_hf_to_composer(args.hf_dir, args.out_path, **overrides)
         else:
             out = save_composer_to_hf(args.checkpoint, args.out_dir, **overrides)
-    except (ConversionError, OSError, TypeError) as err:
+    except (ConversionError, OutputError, OSError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -26,13 +26,14 @@ import yaml
 from llmhift.models.hf_adapter import ConversionError
 from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import LlamaConfig
-from llmhift.utils.atomic import atomic_file
+from llmhift.utils.atomic import atomic_file, check_destination, check_inputs
 from llmhift.utils.checkpoints import LLMHIFT_KEY, load_checkpoint, model_state_dict, run_config_beside
-from llmhift.utils.composer_to_hf import parse_overrides
+from llmhift.utils.composer_to_hf import WRITTEN_BY, file_written_by, parse_overrides, save_torch_file
 
 __all__ = ["prune_llama_weights", "prune_and_save_model", "main"]
 
 MASK_PREFIX = "mask_source."
+COMMAND = "prune_and_save_model"  # in the output's llmhift metadata: overwrite=true replaces only such files
 
 
 def _uniform(counts: dict[int, int], what: str) -> int:
@@ -137,6 +138,12 @@ def prune_and_save_model(
 ) -> Path:
     """Deterministic target masks -> folded, sliced weights -> ``pruned-<name>`` beside the checkpoint."""
     checkpoint_path = Path(checkpoint_path)
+    out = checkpoint_path.parent / f"pruned-{checkpoint_path.name}"
+    # The output sits in the checkpoint's folder by design: the checkpoint itself (and a symlink's
+    # target) is the input it must not be, contain or lie inside.
+    inputs = [checkpoint_path, *([config] if config is not None else [])]
+    check_inputs(out, inputs)
+    check_destination(out, overwrite, COMMAND, lambda path: file_written_by(path, COMMAND))
     model_section = dict(_run_config(checkpoint_path, config).get("model") or {})
     if "l0_module" not in model_section:
         raise ConversionError("the run's model section has no l0_module: this is not a pruning run")
@@ -153,9 +160,11 @@ def prune_and_save_model(
     pruned_config, pruned = prune_llama_weights(model_weights, source, l0.deterministic_masks(exact_target=True))
     meta = dict(checkpoint.get(LLMHIFT_KEY, {}))
     meta["model_config"] = pruned_config.to_dict()
-    out = checkpoint_path.parent / f"pruned-{checkpoint_path.name}"
-    with atomic_file(out, overwrite) as tmp:
-        torch.save({"state": {"model": pruned}, LLMHIFT_KEY: meta}, tmp)
+    meta[WRITTEN_BY] = COMMAND
+    needs = sum(t.numel() * t.element_size() for t in pruned.values())
+    with atomic_file(out, overwrite, command=COMMAND, inputs=inputs, needs=needs,
+                     own=lambda path: file_written_by(path, COMMAND)) as tmp:
+        save_torch_file({"state": {"model": pruned}, LLMHIFT_KEY: meta}, tmp)
     return out
 
 
