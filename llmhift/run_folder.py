@@ -107,6 +107,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
     checkpoint writer fsyncs every shard and writes ``.metadata`` last (to ``.metadata.tmp``, fsync,
     rename), so a folder without ``.metadata`` is incomplete and :func:`recover_checkpoints` treats it so.
     Remote save folders keep Composer's own saver (an object store shows an upload whole or not at all).
+    Unlike Composer's saver, it offers no checkpoint to loggers for upload (WandB ``log_artifacts``).
 
     Raises :class:`DiskFullError` when the disk fills, naming the folder and, when a previous checkpoint
     shows it, the bytes one checkpoint takes.
