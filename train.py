@@ -1,4 +1,8 @@
-"""Train with llmhift from a yaml: ``python train.py YAML [dotted.key=value ...] [--dry-run]``.
+"""Train with llmhift from a yaml: ``python train.py YAML [dotted.key=value ...] [--dry-run | --eval-only]``.
+
+``--eval-only`` (or ``max_duration: 0ba``) loads the model (``model.pretrained``, ``load_path``, or with
+``autoresume=true`` the save folder's newest good checkpoint), evaluates every evaluator, logs the
+metrics to the yaml's loggers, and exits, writing no checkpoint and no config.yaml.
 
 Multi-GPU / multi-node: ``composer -n 8 train.py YAML ...`` (Composer's launcher sets up the ranks).
 """
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from composer.core import Time
 from composer.utils import dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -30,6 +35,7 @@ from llmhift.builders import (
 from llmhift.config import ConfigError, TrainConfig, device_batch_sizes, load_config
 from llmhift.memory_estimate import ModelShape, default_world_size, estimate_run
 from llmhift.models.l0_module import count_params
+from llmhift.run_folder import LATEST_NAME, DiskFullError
 
 
 def _count(params) -> int:
@@ -98,12 +104,23 @@ def _print_llama_size(config: TrainConfig) -> torch.nn.Module:
     return model
 
 
+def _zero_duration(max_duration: str) -> bool:
+    """``max_duration: 0ba`` (any unit) asks for no training, which Composer's fit refuses: evaluate."""
+    try:
+        return Time.from_timestring(str(max_duration)).value == 0
+    except ValueError:  # not a time string: the Trainer names it
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("yaml")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, print parameter counts and a per-GPU memory estimate, and exit")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="load the model, evaluate every evaluator, log the metrics, and exit (no training, "
+                             "no checkpoint); max_duration: 0ba means the same")
     parser.add_argument("--world-size", type=int, default=default_world_size(), metavar="N",
                         help="ranks the dry run's memory estimate assumes (default: $WORLD_SIZE, else 1)")
     args = parser.parse_intermixed_args(argv)  # --dry-run may come anywhere among the overrides
@@ -114,16 +131,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             dry_run(config, args.world_size)
             return 0
-        trainer = build_trainer(config)
+        eval_only = args.eval_only or _zero_duration(config.max_duration)
+        trainer = build_trainer(config, eval_only=eval_only)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if config.eval_first and int(trainer.state.timestamp.batch) == 0:
+    if eval_only:
         trainer.eval()
-    trainer.fit()
+        if dist.get_global_rank() == 0:  # the loggers hold every metric; the console gets a summary
+            values = sorted(trainer.state.eval_metric_values.items())
+            shown = ", ".join(f"{name} {float(value):.4f}" for name, value in values)
+            print(f"eval at batch {int(trainer.state.timestamp.batch)}: {shown}")
+        trainer.close()
+        return 0
+    try:
+        if config.eval_first and int(trainer.state.timestamp.batch) == 0:
+            trainer.eval()
+        trainer.fit()
+    except DiskFullError as err:
+        print(f"error: {err}", file=sys.stderr)
+        trainer.close()
+        return 2
+    trainer.close()  # unlocks the save folder now, not at the process's exit (in-process callers, tests)
     if config.save_folder and "://" not in config.save_folder and dist.get_global_rank() == 0:
         folder = Path(config.save_folder.format(run_name=config.run_name))
-        print(f"checkpoint: {folder / 'latest-rank0.pt'}")
+        print(f"checkpoint: {folder / LATEST_NAME.format(rank=0)}")
     return 0
 
 

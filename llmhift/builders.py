@@ -41,6 +41,7 @@ from llmhift.models.hf_adapter import ConversionError, infer_llama_config
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
 from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import ComposerLlama, LlamaConfig
+from llmhift.run_folder import AtomicCheckpointSaver, prepare_run_folder
 from llmhift.utils.checkpoints import read_llama_weights
 
 __all__ = [
@@ -513,13 +514,21 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     return domains
 
 
-def build_trainer(config: TrainConfig) -> Trainer:
-    """Everything checked, everything built, a Trainer ready to ``fit()``."""
+def build_trainer(config: TrainConfig, eval_only: bool = False) -> Trainer:
+    """Everything checked, everything built, a Trainer ready to ``fit()`` (or, with ``eval_only``, to
+    ``eval()``: it loads the autoresume checkpoint or ``load_path`` and can write no checkpoint).
+
+    The save folder is locked and checked (and bad checkpoints moved aside) before the model is built;
+    ``config.yaml`` is written only once the Trainer exists, so a run that fails anywhere earlier leaves
+    another run's folder as it was."""
     domains = check_config(config)
+    if eval_only and config.eval_loader is None:
+        raise ConfigError("eval_loader: an evaluation-only run (--eval-only, max_duration: 0ba) needs one")
     parallelism = parallelism_config(config)
     callbacks, loggers, algorithms = build_callbacks(config), build_loggers(config), build_algorithms(config)
     device = "gpu" if on_gpu() else "cpu"
     dist.initialize_dist(device, config.dist_timeout)
+    claim = prepare_run_folder(config.save_folder, config.run_name, config.autoresume, eval_only)
     batch_size, microbatch_size = device_batch_sizes(config, dist.get_world_size(), on_gpu())
 
     train_loader = build_dataloader(config.train_loader, domains["train_loader"], batch_size)
@@ -530,7 +539,10 @@ def build_trainer(config: TrainConfig) -> Trainer:
         evaluators.append(Evaluator(label="eval", dataloader=eval_loader))
     reproducibility.seed_all(config.seed)  # the initial weights (and L0 masks) follow the yaml's seed
     model = build_model(config, domains.get("eval_loader"))
-    save_resolved_config(config)
+    callbacks.append(claim)  # holds the folder's lock while the Trainer lives
+    if config.save_folder and "://" not in config.save_folder and not eval_only:
+        callbacks.append(AtomicCheckpointSaver(config.save_folder, config.save_interval,
+                                               config.save_num_checkpoints_to_keep, config.save_overwrite))
     trainer = Trainer(
         run_name=config.run_name,
         seed=config.seed,
@@ -549,12 +561,12 @@ def build_trainer(config: TrainConfig) -> Trainer:
         device=device,
         device_train_microbatch_size=microbatch_size,
         parallelism_config=parallelism,
-        save_folder=config.save_folder,
+        save_folder=None if eval_only else config.save_folder,
         save_interval=config.save_interval,
         save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
         save_overwrite=config.save_overwrite,
-        autoresume=config.autoresume,
-        load_path=config.load_path,
+        autoresume=config.autoresume and not eval_only,
+        load_path=(claim.checkpoint or config.load_path) if eval_only else config.load_path,
         load_weights_only=config.load_weights_only,
         progress_bar=config.progress_bar,
         log_to_console=config.log_to_console,
@@ -562,4 +574,6 @@ def build_trainer(config: TrainConfig) -> Trainer:
         dist_timeout=config.dist_timeout,
     )
     average_gloo_fsdp2_gradients(trainer.state.model)  # the Trainer has applied FSDP by now
+    if not eval_only:
+        save_resolved_config(config)
     return trainer

@@ -20,7 +20,9 @@ class JsonlLogger(LoggerDestination):
 
     Only global rank 0 writes. The file is appended to, so an autoresumed run continues it; a reader
     keeps the last value logged for a key at a batch (what the resumed run logged). Lines are
-    flushed as they are written, so a crashed run leaves every metric up to the crash.
+    flushed as they are written, so a crashed run leaves every metric up to the crash. The file is
+    opened at the first metric, not when the Trainer is built: a run refused while it is being built
+    neither creates nor touches another run's metrics.jsonl.
 
     Args:
         path (str): the file to append to; its folder is created (yaml default in the demo yamls:
@@ -43,14 +45,8 @@ class JsonlLogger(LoggerDestination):
         self.path = Path(path)
         self._file: Optional[IO[str]] = None
 
-    def init(self, state: State, logger: Logger) -> None:
-        del state, logger  # unused
-        if dist.get_global_rank() == 0 and self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
-        if self._file is None:
+        if dist.get_global_rank() != 0:
             return
         record: dict[str, Any] = {"batch": step}
         for key, value in metrics.items():
@@ -58,6 +54,9 @@ class JsonlLogger(LoggerDestination):
                 number = float(value.item() if isinstance(value, torch.Tensor) else value)
                 record[key] = number if math.isfinite(number) else None  # JSON has no NaN
         if len(record) > 1:  # Composer also logs empty dicts
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 
