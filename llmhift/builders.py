@@ -7,6 +7,7 @@ last, so that a typo costs a second, not a model load.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -27,6 +28,7 @@ from composer.utils import FSDP2Config, dist, reproducibility
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import HiFTCallback
@@ -43,6 +45,7 @@ from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import ComposerLlama, LlamaConfig
 from llmhift.run_folder import AtomicCheckpointSaver, prepare_run_folder
 from llmhift.utils.checkpoints import read_llama_weights
+from llmhift.utils.checkpoints import is_sharded_checkpoint, load_checkpoint
 
 __all__ = [
     "CALLBACKS",
@@ -66,6 +69,9 @@ __all__ = [
     "check_tokenizer",
     "check_precision",
     "check_activation_checkpointing",
+    "check_sequence_length",
+    "check_load_path",
+    "check_hift",
     "fsdp_version",
     "parallelism_config",
     "average_gloo_fsdp2_gradients",
@@ -485,6 +491,76 @@ def check_precision(config: TrainConfig) -> None:
         raise ConfigError(f"precision: {config.precision} needs a GPU; on CPU use precision=fp32")
 
 
+def check_sequence_length(config: TrainConfig, domains: Mapping[str, list[str]]) -> None:
+    """The data's samples fit ``model.max_seq_len``: the decoder computes RoPE for any length, so longer
+    samples would train silently past the context the yaml (and every export's config) declares."""
+    limit = config.model.get("max_seq_len")
+    if config.model["name"] != "llama" or limit is None:
+        return
+    for section, loader in _loader_sections(config):
+        dataset = loader.dataset
+        if loader.name == "instruction":
+            length, where = dataset.max_seq_len, f"{section}.dataset.max_seq_len"
+            other_fix = f"set {where}={limit}"
+        elif dataset.remote:
+            continue  # its index is read when the shards are
+        else:
+            root = Path(dataset.local) / dataset.split
+            length, where = max(sequence_length(root / d) for d in domains[section]), f"the samples of {root}"
+            other_fix = f"prepare the data with --max-seq-len {limit}"
+        if length is not None and length > limit:
+            raise ConfigError(f"model.max_seq_len: {limit} is shorter than {where} ({length} tokens); set "
+                              f"model.max_seq_len >= {length}, or {other_fix}")
+
+
+def check_load_path(config: TrainConfig) -> None:
+    """A local ``load_path`` opens as a checkpoint (memory-mapped: its tensors are not read) before
+    anything is built: a truncated file would otherwise fail inside ``Trainer()`` with a zip-reader
+    traceback, after the model and data are loaded. Remote paths are Composer's to fetch."""
+    if not config.load_path or "://" in config.load_path:
+        return
+    path = Path(config.load_path)
+    if not path.exists():
+        raise ConfigError(f"load_path: {path} does not exist; give a Composer checkpoint (e.g. ep0-ba100-rank0.pt)")
+    if is_sharded_checkpoint(path):
+        return  # a folder is written .metadata last, so .metadata means every shard was written
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip whose directory comes last: a cut file has none
+        raise ConfigError(f"load_path: {path} is truncated or not a torch checkpoint (no zip directory at its end); "
+                          "point it at a complete checkpoint (an earlier ep*-ba*-rank0.pt)")
+    try:
+        load_checkpoint(path, memory_map=True)
+    except ConversionError as err:
+        raise ConfigError(f"load_path: {err}; point it at a complete checkpoint (an earlier ep*-ba*-rank0.pt)") from None
+
+
+def _units_of(config: TrainConfig) -> list[tuple[str, list[str]]] | None:
+    """The model's HiFT units, from a copy built on the meta device (no memory, no weights read)."""
+    section = config.model
+    if section["name"] == "llama":
+        model: torch.nn.Module = ComposerLlama(build_llama_config(section), init_device="meta")
+    elif section.get("pretrained") and (Path(section["pretrained"]) / "config.json").is_file():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(section["pretrained"],
+                                                                                local_files_only=True))
+    else:
+        return None  # build_model names what is missing
+    return HiFTCallback.find_units(model)
+
+
+def check_hift(config: TrainConfig) -> None:
+    """``callbacks.hift``'s unit indices and group size against the yaml's model, before the model is
+    loaded: the callback checks them again at INIT, which would be after the weights are read."""
+    if "hift" not in config.callbacks:
+        return
+    try:
+        hift = HiFTCallback(**(config.callbacks["hift"] or {}))
+        units = _units_of(config)
+        if units is not None:
+            hift.plan(units)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"callbacks.hift: {err}") from None
+
+
 def save_resolved_config(config: TrainConfig) -> None:
     """Writes the run's resolved yaml to ``<save_folder>/config.yaml`` (rank 0, atomically): the
     converters and the post-pruning processor read the model shape from it."""
@@ -509,7 +585,10 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     elif config.model["name"] not in MODELS:
         raise ConfigError(f"model.name: {config.model['name']!r} is not one of {MODELS}")
     domains = check_data(config)
+    check_sequence_length(config, domains)
     check_tokenizer(config)
+    check_hift(config)
+    check_load_path(config)
     device_batch_sizes(config, dist.get_world_size(), on_gpu())
     return domains
 

@@ -7,10 +7,13 @@ key and, where there is one, the fix.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
+from composer.core import Time, TimeUnit
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -25,6 +28,7 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "device_batch_sizes",
+    "check_times",
     "PRECISIONS",
 ]
 
@@ -139,21 +143,50 @@ def _schema_error(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{key}: {message}")
 
 
+# A dotted key: names of letters, digits, `_` or `-`, joined by single dots (list items by index: `betas.0`).
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*")
+
+
+def _read_yaml(yaml_path: Path) -> Any:
+    """The yaml file as an OmegaConf node; a syntax error names the file, line and column."""
+    try:
+        return OmegaConf.load(yaml_path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{yaml_path} line {mark.line + 1} column {mark.column + 1}" if mark else str(yaml_path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        lines = yaml_path.read_text(errors="replace").splitlines()
+        line = lines[mark.line] if mark and mark.line < len(lines) else ""
+        fix = "indent with spaces: yaml does not allow tabs" if "\t" in line else "fix the yaml syntax there"
+        raise ConfigError(f"yaml: {where}: {problem}; {fix}") from None
+
+
+def _read_overrides(overrides: Sequence[str]) -> Any:
+    """The ``dotted.key=value`` overrides as one OmegaConf node; the first malformed one is named."""
+    nodes = []
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or not _OVERRIDE_KEY.fullmatch(key):
+            raise ConfigError(f"overrides: expected dotted.key=value (e.g. optimizer.lr=1e-4), got {override!r}")
+        try:
+            nodes.append(OmegaConf.from_dotlist([override]))
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{key}: the value in {override!r} is not valid yaml ({problem}); "
+                              "quote it, or close its brackets") from None
+    return OmegaConf.merge(*nodes) if nodes else OmegaConf.create()
+
+
 def load_config(yaml_path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Reads the yaml, applies ``dotted.key=value`` overrides, resolves ``${variables.*}`` and
     checks keys and types against :class:`TrainConfig`."""
     yaml_path = Path(yaml_path)
     if not yaml_path.is_file():
         raise ConfigError(f"yaml: {yaml_path} does not exist")
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    if bad:
-        raise ConfigError(f"overrides: expected dotted.key=value, got {bad[0]!r}")
+    from_cli = _read_overrides(overrides)
+    from_file = _read_yaml(yaml_path)
     try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(TrainConfig),
-            OmegaConf.load(yaml_path),
-            OmegaConf.from_dotlist(list(overrides)),
-        )
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), from_file, from_cli)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _schema_error(err) from None
@@ -172,7 +205,56 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return config
 
 
+# Units each time setting accepts. Composer reads a bare number as wall-clock seconds ("5" is 50 s),
+# which no llmhift setting means, and `dur` (a fraction of max_duration) cannot define max_duration.
+TRAINING_UNITS = (TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.TOKEN)
+INTERVAL_UNITS = (*TRAINING_UNITS, TimeUnit.DURATION)
+_UNIT_NAMES = {TimeUnit.EPOCH: "epochs", TimeUnit.BATCH: "batches", TimeUnit.SAMPLE: "samples",
+               TimeUnit.TOKEN: "tokens", TimeUnit.DURATION: "fraction of max_duration"}
+
+
+def _time(key: str, value: str, units: Sequence[TimeUnit]) -> Time:
+    text = str(value).strip()
+    try:
+        time = Time.from_timestring(text)
+    except (ValueError, TypeError):
+        time = None
+    if time is None or time.unit not in units:
+        allowed = ", ".join(f"{u.value} ({_UNIT_NAMES[u]})" for u in units)
+        example = f"{text}ba" if text.isdigit() else "1000ba"
+        raise ConfigError(f"{key}: {value!r} is not a duration here; give a count with a unit, one of {allowed} "
+                          f"(e.g. {example})")
+    return time
+
+
+def _comparable_unit(unit: TimeUnit) -> TimeUnit:
+    """The unit a warmup scheduler compares in: Composer converts epochs to batches before the check."""
+    return TimeUnit.BATCH if unit == TimeUnit.EPOCH else unit
+
+
+def check_times(config: TrainConfig) -> None:
+    """Every time string parses with a unit its setting accepts, and the warmup can be compared with
+    max_duration (Composer's warmup schedulers refuse two different units, deep inside Trainer())."""
+    duration = _time("max_duration", config.max_duration, TRAINING_UNITS)
+    for key in ("eval_interval", "save_interval", "console_log_interval"):
+        _time(key, getattr(config, key), INTERVAL_UNITS)
+    warmup = _time("scheduler.t_warmup", config.scheduler.t_warmup, INTERVAL_UNITS)
+    if warmup.unit != TimeUnit.DURATION and _comparable_unit(warmup.unit) != _comparable_unit(duration.unit):
+        raise ConfigError(
+            f"scheduler.t_warmup: {config.scheduler.t_warmup} is in {_UNIT_NAMES[warmup.unit]} but max_duration "
+            f"{config.max_duration} in {_UNIT_NAMES[duration.unit]}; give the warmup in {duration.unit.value} "
+            "or as a fraction of the run (e.g. 0.05dur)"
+        )
+
+
 def _check(config: TrainConfig) -> None:
+    check_times(config)
+    if config.device_eval_batch_size < 1:
+        raise ConfigError(f"device_eval_batch_size: must be a positive number of samples, got "
+                          f"{config.device_eval_batch_size}")
+    if config.optimizer.lr < 0:
+        raise ConfigError(f"optimizer.lr: must be >= 0, got {config.optimizer.lr} (pruning's negative rate for "
+                          "the Lagrange multipliers comes from optimizer.lag_lr)")
     if config.precision not in PRECISIONS:
         raise ConfigError(f"precision: {config.precision!r} is not one of {PRECISIONS}")
     if config.global_train_batch_size < 1:

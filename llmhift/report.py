@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from llmhift.utils.atomic import OutputError, atomic_directory  # noqa: E402
 
-__all__ = ["Series", "read_metrics", "find_runs", "plot_run", "write_report", "main"]
+__all__ = ["Series", "read_metrics", "read_metrics_skipping", "find_runs", "plot_run", "write_report", "main"]
 
 Series = dict[str, dict[int, float]]  # metric key -> {batch: value}
 EVAL_CE = "metrics/eval/LanguageCrossEntropy"
@@ -24,29 +24,57 @@ DOMAIN_CE, DOMAIN_WEIGHT = "_LanguageCrossEntropy", "_weight"
 COMMAND = "llmhift.report"  # the marker of a report folder: the only non-empty folder a report replaces
 
 
-def read_metrics(path: str | Path) -> Series:
-    """Every metric of a JsonlLogger file; the last value logged at a batch wins (a resumed run's)."""
+def _parse(line: str) -> tuple[int, dict[str, float]]:
+    """One JsonlLogger line as (batch, {key: value}); ValueError for anything else."""
+    record = json.loads(line)
+    if not isinstance(record, dict) or "batch" not in record:
+        raise ValueError("not a metrics record")
+    batch = int(record.pop("batch") or 0)
+    return batch, {key: float(value) for key, value in record.items() if value is not None}
+
+
+def read_metrics_skipping(path: str | Path) -> tuple[Series, list[int]]:
+    """Every metric of a JsonlLogger file, and the numbers of the lines that do not parse.
+
+    A run killed mid-write (or stopped by a full disk) leaves a truncated last line; the lines
+    before it are every metric up to the crash, so they are kept and the broken ones counted."""
     series: Series = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    skipped = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
-        batch = int(record.pop("batch") or 0)
-        for key, value in record.items():
-            if value is not None:
-                series.setdefault(key, {})[batch] = float(value)
-    return series
+        try:
+            batch, values = _parse(line)
+        except (ValueError, TypeError):  # JSONDecodeError is a ValueError
+            skipped.append(number)
+            continue
+        for key, value in values.items():
+            series.setdefault(key, {})[batch] = value
+    return series, skipped
+
+
+def read_metrics(path: str | Path) -> Series:
+    """Every metric of a JsonlLogger file; the last value logged at a batch wins (a resumed run's)."""
+    return read_metrics_skipping(path)[0]
 
 
 def find_runs(root: str | Path) -> dict[str, Path]:
-    """Run name -> metrics.jsonl for every run under ``root`` (the name is the run's folder, or the
-    folder above a ``checkpoints`` folder), in the order the runs started."""
-    files = sorted(Path(root).rglob("metrics.jsonl"), key=lambda p: p.stat().st_ctime)
+    """Run name -> metrics.jsonl for every run under ``root``, in the order the runs started. The name
+    is the run's folder (the folder above a ``checkpoints`` folder) relative to ``root``, so that
+    ``teamA/ck`` and ``teamB/ck`` stay two runs; ``root``'s own name when the run is ``root``."""
+    root = Path(root)
+    files = sorted(root.rglob("metrics.jsonl"), key=lambda p: p.stat().st_ctime)
     runs = {}
     for path in files:
         folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        runs[folder.name] = path
+        name = folder.relative_to(root).as_posix()
+        runs[root.resolve().name if name == "." else name] = path
     return runs
+
+
+def _stem(name: str) -> str:
+    """A run name as the start of a file name (names are relative paths: ``teamA/ck`` -> ``teamA_ck``)."""
+    return name.replace("/", "_")
 
 
 def _xy(points: dict[int, float]) -> tuple[list[int], list[float]]:
@@ -89,7 +117,7 @@ def _plot_loss(name: str, series: Series, out: Path) -> Path | None:
     ax.set(title=f"{name}: language-model loss per domain", xlabel="batch", ylabel="cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / f"{name}_loss.png")
+    return _save(fig, out / f"{_stem(name)}_loss.png")
 
 
 def _plot_proportions(name: str, series: Series, out: Path) -> Path | None:
@@ -103,7 +131,7 @@ def _plot_proportions(name: str, series: Series, out: Path) -> Path | None:
            ylabel="proportion", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / f"{name}_proportions.png")
+    return _save(fig, out / f"{_stem(name)}_proportions.png")
 
 
 def _plot_pruning(name: str, series: Series, out: Path) -> Path | None:
@@ -124,7 +152,7 @@ def _plot_pruning(name: str, series: Series, out: Path) -> Path | None:
     sparsity.set(title=f"{name}: sparsity per structure vs target", xlabel="batch", ylabel="sparsity", ylim=(0, 1))
     sparsity.grid(alpha=0.3)
     sparsity.legend(fontsize=7, ncol=2)
-    return _save(fig, out / f"{name}_pruning.png")
+    return _save(fig, out / f"{_stem(name)}_pruning.png")
 
 
 def _plot_hift(name: str, series: Series, out: Path) -> Path | None:
@@ -138,7 +166,7 @@ def _plot_hift(name: str, series: Series, out: Path) -> Path | None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / f"{name}_hift.png")
+    return _save(fig, out / f"{_stem(name)}_hift.png")
 
 
 def _plot_throughput(name: str, series: Series, out: Path) -> Path | None:
@@ -149,7 +177,7 @@ def _plot_throughput(name: str, series: Series, out: Path) -> Path | None:
     ax.set(title=f"{name}: training throughput", xlabel="batch", ylabel="tokens per second")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / f"{name}_throughput.png")
+    return _save(fig, out / f"{_stem(name)}_throughput.png")
 
 
 def plot_run(name: str, series: Series, out: Path) -> list[Path]:
@@ -204,6 +232,9 @@ def _old_report(folder: Path) -> bool:
 
 def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     """Plots and ``report.md`` for every run under ``root``, into ``out`` (``<root>/report``), atomically."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root} does not exist or is not a folder; give the folder that holds the runs "
+                                "(a save_folder, or a folder above several)")
     runs = find_runs(root)
     if not runs:
         raise FileNotFoundError(f"{root}: no metrics.jsonl below it; add `loggers: {{jsonl: {{path: "
@@ -214,8 +245,13 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
                           own=_old_report) as tmp:
         lines = ["# llmhift run report", "", f"Runs under `{root}`, in the order they started.", ""]
         for name, path in runs.items():
-            series = read_metrics(path)
-            lines += _summary(name, series, plot_run(name, series, tmp))
+            series, skipped = read_metrics_skipping(path)
+            summary = _summary(name, series, plot_run(name, series, tmp))
+            if skipped:
+                note = f"{path}: skipped {len(skipped)} unparsable line(s) (line {', '.join(map(str, skipped[:5]))})"
+                print(f"note: {note}; a run killed mid-write leaves its last line cut", file=sys.stderr)
+                summary.insert(2, f"- {note}")  # under the run's heading
+            lines += summary
         (tmp / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return out / "report.md"
 
@@ -228,10 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = write_report(args.run_dir, args.out)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (OutputError, OSError) as err:
+    except (OutputError, OSError) as err:  # FileNotFoundError included
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report: {report}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import doctest
+import math
 import os
 import warnings
 
@@ -84,12 +85,12 @@ def test_batch_without_the_domain_changes_nothing_and_never_gives_nan():
     assert abs(metric.compute().item() - reference_loss([with_domain], 0).item()) < 1e-6
 
 
-def test_domain_never_seen_gives_zero_warns_once_and_has_no_data():
+def test_domain_never_seen_gives_nan_warns_once_and_has_no_data():
     metric = DomainCrossEntropy(2, "math")
     metric.update(*make_batch(6, [0, 1, 1]))
     with pytest.warns(UserWarning, match="'math'") as record:
         value = metric.compute()
-    assert value.item() == 0.0 and not torch.isnan(value)
+    assert torch.isnan(value)  # no value, never a 0.0 that reads as a perfect loss
     assert metric.total_tokens.item() == 0 and metric.sum_loss.item() == 0.0
     assert not metric.has_data()
     # The warning points at the caller of compute(), not at torchmetrics' wrapper.
@@ -97,7 +98,7 @@ def test_domain_never_seen_gives_zero_warns_once_and_has_no_data():
     metric.update(*make_batch(7, [1]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once is enough: a second compute stays quiet
-        assert metric.compute().item() == 0.0
+        assert torch.isnan(metric.compute())
 
 
 def test_all_targets_ignored_counts_as_no_data():
@@ -106,7 +107,7 @@ def test_all_targets_ignored_counts_as_no_data():
     metric = updated(0, [(logits, targets, domain_idx)])
     assert not metric.has_data()
     with pytest.warns(UserWarning, match="'d0'"):
-        assert metric.compute().item() == 0.0
+        assert torch.isnan(metric.compute())
 
 
 def test_bad_shapes_and_duplicate_domains_are_refused():
@@ -190,7 +191,7 @@ def test_two_gloo_ranks_give_the_single_process_value(tmp_path):
         single = updated(domain, every_batch)  # one process, all the data
         for rank, result in enumerate(results):
             if name == "math":
-                assert result["values"][key] == 0.0 and result["has_data"][key] is False
+                assert math.isnan(result["values"][key]) and result["has_data"][key] is False
             else:
                 assert abs(result["values"][key] - reference_loss(every_batch, domain).item()) < 1e-6
                 assert abs(result["values"][key] - single.compute().item()) < 1e-6
@@ -242,12 +243,12 @@ def test_composer_eval_logs_per_domain_losses_equal_to_a_direct_computation():
     for domain, name in enumerate(COMPOSER_DOMAINS):
         key = f"{name}_LanguageCrossEntropy"
         rows = batch["domain_idx"] == domain
-        if rows.any():
-            expected = F.cross_entropy(logits[rows].reshape(-1, 64), targets[rows].reshape(-1)).item()
-        else:
-            expected = 0.0
+        logged = logger.data[f"metrics/eval/{key}"][-1][1].item()  # Composer's key: metrics/<eval label>/<key>
+        if not rows.any():  # math: no value at all, where a 0.0 would read as a perfect loss
+            assert math.isnan(trainer.state.eval_metric_values[key].item()) and math.isnan(logged)
+            continue
+        expected = F.cross_entropy(logits[rows].reshape(-1, 64), targets[rows].reshape(-1)).item()
         assert abs(trainer.state.eval_metric_values[key].item() - expected) < 1e-6
-        # Composer's loggers see it as metrics/<eval label>/<key>; the default label is "eval".
-        assert abs(logger.data[f"metrics/eval/{key}"][-1][1].item() - expected) < 1e-6
+        assert abs(logged - expected) < 1e-6
     assert not trainer.state.eval_metrics["eval"]["math_LanguageCrossEntropy"].has_data()
     assert trainer.state.eval_metrics["eval"]["code_LanguageCrossEntropy"].has_data()

@@ -69,7 +69,7 @@ def test_report_plots_every_kind_and_summarises(tmp_path, capsys):
 
 
 def test_report_without_metrics_names_the_fix(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 1
+    assert main([str(tmp_path)]) == 2
     assert "loggers: {jsonl:" in capsys.readouterr().err
 
 

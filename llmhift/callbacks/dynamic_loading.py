@@ -81,7 +81,8 @@ class DynamicLoadingCallback(Callback):
     +=======================================+======================================================+
     | ``metrics/train/<domain>_weight``     | the domain's latest proportion                       |
     +---------------------------------------+------------------------------------------------------+
-    | ``metrics/train/<domain>_excess_loss``| eval loss minus target (clamped at 0 for ``doremi``) |
+    | ``metrics/train/<domain>_excess_loss``| eval loss minus target (clamped at 0 for ``doremi``);|
+    |                                       | not logged for a domain without eval tokens          |
     +---------------------------------------+------------------------------------------------------+
     """
 
@@ -103,9 +104,14 @@ class DynamicLoadingCallback(Callback):
             raise ValueError(f"update_type: {update_type!r} is not one of {UPDATE_TYPES}")
         if len(target_loss) != len(self.set_names):
             raise ValueError(f"target_loss: {len(target_loss)} values for {len(self.set_names)} set_names")
+        for key, value in (("eta", eta), ("smoothing", smoothing)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key}: must be a number, got {type(value).__name__} {value!r}")
         if eta < 0 or not 0 <= smoothing <= 1:
             raise ValueError(f"eta ({eta}) must be >= 0 and smoothing ({smoothing}) in [0, 1]")
         self.proportion = check_proportion(proportion, self.set_names, "proportion")
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in target_loss):
+            raise ValueError(f"target_loss: must be numbers, got {list(target_loss)}")
         self.target_loss = [float(t) for t in target_loss]
         self.update_type, self.eta, self.smoothing, self.eval_label = update_type, eta, smoothing, eval_label
         self.history: list[dict[str, Any]] = []  # one entry per update: first sample, losses, proportions
@@ -173,8 +179,9 @@ class DynamicLoadingCallback(Callback):
         absent = [d for d, loss in zip(self.set_names, losses) if loss is None]
         if absent:
             warnings.warn(
-                f"DynamicLoadingCallback: no eval data for {absent}; their excess loss counts as 0. Give the eval "
-                "set samples of every domain.",
+                f"DynamicLoadingCallback: domain(s) {absent} had no eval tokens, so they count as at their target "
+                "loss (excess 0, nothing logged for them); raise eval_subset_num_batches (-1: the whole eval set) "
+                "or give the eval set samples of every domain",
                 stacklevel=2,
             )
         # A domain without eval data sits exactly at its target, so only the other domains move it.
@@ -182,7 +189,8 @@ class DynamicLoadingCallback(Callback):
         excess = [loss - t for loss, t in zip(filled, self.target_loss)]
         if self.update_type != "doremi_unclamped":
             excess = [max(e, 0.0) for e in excess]
-        logger.log_metrics({f"metrics/train/{d}_excess_loss": e for d, e in zip(self.set_names, excess)})
+        logger.log_metrics({f"metrics/train/{d}_excess_loss": e
+                            for d, e, loss in zip(self.set_names, excess, losses) if loss is not None})
         if self.update_type == "constant":
             return
         new = doremi_update(self._current(), filled, self.target_loss, self.eta, self.smoothing,

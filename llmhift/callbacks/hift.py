@@ -195,6 +195,27 @@ class HiFTCallback(Callback):
             raise ValueError(f"{key}: unit indices {bad} are out of range for {n} units {[u for u, _ in self.units]}")
         return sorted({v % n for v in values})
 
+    def plan(self, units: list[tuple[str, list[str]]]) -> tuple[list[int], list[int], list[list[int]]]:
+        """(frozen, always-active, groups) unit indices for these units, or a ValueError naming the key.
+
+        Public so that train.py can check a yaml against its model's units before anything heavy
+        starts. One group would train every cycled unit at every step: full fine-tuning under HiFT's
+        name, so it is refused rather than run."""
+        self.units = units
+        frozen = self._indices("freeze_layers", self.freeze_layers)
+        always = self._indices("always_active", self.always_active)
+        if set(frozen) & set(always):
+            raise ValueError(f"freeze_layers and always_active: both name units {sorted(set(frozen) & set(always))}")
+        cycled = [u for u in range(len(units)) if u not in frozen and u not in always]
+        if not cycled:
+            raise ValueError(f"freeze_layers/always_active: leave no unit to cycle over among the {len(units)} units "
+                             f"{[u for u, _ in units]}; free at least one")
+        if len(cycled) > 1 and self.group_element >= len(cycled):
+            raise ValueError(f"group_element: {self.group_element} puts all {len(cycled)} cycled units in one group, "
+                             f"which is full fine-tuning; use at most {len(cycled) - 1}")
+        groups = [cycled[i : i + self.group_element] for i in range(0, len(cycled), self.group_element)]
+        return frozen, always, groups
+
     # --- events ---------------------------------------------------------------------------------
     def init(self, state: State, logger: Logger) -> None:
         del logger  # unused
@@ -211,15 +232,7 @@ class HiFTCallback(Callback):
             self.offload_dir = claim_directory(self.offload_dir / f"rank{dist.get_global_rank()}", OFFLOAD_COMMAND)
         self.units = self.find_units(self._model)
         self._bind()
-        frozen = self._indices("freeze_layers", self.freeze_layers)
-        self._always = self._indices("always_active", self.always_active)
-        if set(frozen) & set(self._always):
-            both = sorted(set(frozen) & set(self._always))
-            raise ValueError(f"freeze_layers and always_active: both name units {both}")
-        cycled = [u for u in range(len(self.units)) if u not in frozen and u not in self._always]
-        if not cycled:
-            raise ValueError("freeze_layers/always_active: leave no unit to cycle over")
-        self.groups = [cycled[i : i + self.group_element] for i in range(0, len(cycled), self.group_element)]
+        frozen, self._always, self.groups = self.plan(self.units)
         self._cycled = {name for u, (_, names) in enumerate(self.units) if u not in frozen for name in names}
         for u in frozen:
             for name in self.units[u][1]:

@@ -155,13 +155,20 @@ def _check_settings(domains: Mapping[str, Any], max_seq_len: int, eval_fraction:
         raise PrepareError(f"seed must be a non-negative integer, got {seed!r}")
 
 
+# Files one of which every saved tokenizer has; without any, transformers fails deep inside its converter.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def _load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"tokenizer folder does not exist: {tokenizer_dir}")
+    if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise PrepareError(f"--tokenizer {tokenizer_dir} holds none of {list(TOKENIZER_FILES)}; point it at a folder "
+                           "written by tokenizer.save_pretrained()")
     try:
         # local_files_only: a folder name that looks like a Hub repo id must never trigger a download.
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # transformers' types for a broken folder
         raise PrepareError(f"cannot load a tokenizer from {tokenizer_dir}: {e}") from None
     if tokenizer.eos_token_id is None:
         raise PrepareError(f"tokenizer {tokenizer_dir} has no eos_token; packing needs one between documents")

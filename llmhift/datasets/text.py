@@ -11,7 +11,7 @@ import torch
 from streaming import Stream, StreamingDataset
 from torch.utils.data import Dataset
 
-__all__ = ["DataFolderError", "find_domains", "sequence_length", "MultiDomainTextDataset", "EverySample"]
+__all__ = ["DataFolderError", "find_domains", "check_shards", "sequence_length", "MultiDomainTextDataset", "EverySample"]
 
 
 class DataFolderError(ValueError):
@@ -28,12 +28,39 @@ def find_domains(local: str | Path, split: str, domains: Sequence[str] | None = 
     found = sorted(p.name for p in root.iterdir() if (p / "index.json").is_file())
     if not found:
         raise DataFolderError(f"{root} holds no MDS domain folders (no */index.json)")
-    if domains is None:
-        return found
-    missing = [d for d in domains if d not in found]
+    missing = [d for d in domains or () if d not in found]
     if missing:
         raise DataFolderError(f"domain(s) {missing} not in {root}; found {found}")
-    return list(domains)
+    chosen = found if domains is None else list(domains)
+    for domain in chosen:
+        check_shards(root / domain)
+    return chosen
+
+
+def check_shards(folder: str | Path) -> None:
+    """Every shard that ``index.json`` lists is present with the size it records.
+
+    Why: a copy cut short or a full disk leaves a shorter shard, which streaming reads without
+    complaint until a worker reaches its missing samples, hours into the run. A stat per shard
+    catches it before the model is built. A compressed shard may be present in either form."""
+    folder = Path(folder)
+    try:
+        shards = json.loads((folder / "index.json").read_text())["shards"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataFolderError(f"{folder / 'index.json'} is not a readable MDS index ({err}); rewrite the folder "
+                              "with `python -m llmhift.datasets.prepare`") from None
+    for shard in shards:
+        forms = [form for form in (shard.get("raw_data"), shard.get("zip_data")) if form]
+        present = [(folder / form["basename"], form["bytes"]) for form in forms if (folder / form["basename"]).is_file()]
+        if not present:
+            raise DataFolderError(f"{folder / forms[0]['basename']} is listed in index.json but missing; copy the "
+                                  "whole folder again or rewrite it with `python -m llmhift.datasets.prepare`")
+        for path, expected in present:
+            size = path.stat().st_size
+            if size != expected:
+                raise DataFolderError(f"{path} has {size} bytes but index.json records {expected} (a truncated "
+                                      "copy?); copy the whole folder again or rewrite it with "
+                                      "`python -m llmhift.datasets.prepare`")
 
 
 def sequence_length(folder: str | Path) -> int:

@@ -28,9 +28,12 @@ class DomainCrossEntropy(Metric):
     sum of token losses and a token count, both reduced with ``sum`` across ranks before the single
     division in :meth:`compute`: the result equals a one-process computation over all the eval data.
 
-    A domain that never appears in the whole eval has no loss. :meth:`compute` returns ``0.0`` for
-    it (NaN would poison every logger and any weight update that touches it) and warns once, naming
-    the domain; callers that act on the value must check :meth:`has_data` first and skip the domain.
+    A domain that never appears in the whole eval (an ``eval_subset_num_batches`` that stops before
+    its samples, say) has no loss. :meth:`compute` returns NaN for it, as Composer's own
+    ``LanguageCrossEntropy`` does without tokens, and warns once, naming the domain. Composer logs every
+    metric's value, so NaN is the closest it gets to logging nothing: the JSON-lines logger records it
+    as null, plots leave a gap, and the report skips it, where a 0.0 would read as a perfect loss.
+    Callers that act on the value must check :meth:`has_data` first and skip the domain.
 
     Args:
         domain_idx (int): the index of this domain in the list of domain names, the value batches
@@ -102,7 +105,7 @@ class DomainCrossEntropy(Metric):
         self.total_tokens += (target != self.ignore_index).sum()
 
     def compute(self) -> torch.Tensor:
-        """Mean token loss over everything seen on all ranks, or 0.0 (with a warning) if there is none.
+        """Mean token loss over everything seen on all ranks, or NaN (with a warning) if there is none.
 
         A collective under distributed training: every rank must call it.
         """
@@ -112,11 +115,11 @@ class DomainCrossEntropy(Metric):
                 # stacklevel 3: torchmetrics wraps compute(), so 2 would name its wrapper, not the caller.
                 warnings.warn(
                     f"DomainCrossEntropy: domain {self.domain!r} (domain_idx={self.domain_idx}) had no "
-                    "target tokens in this evaluation; its loss is reported as 0.0. Check has_data() "
-                    "before using it, or make the eval set hold samples of every domain.",
+                    "target tokens in this evaluation, so it has no loss (NaN, logged as null). Check has_data() "
+                    "before using it, or let the evaluation reach samples of every domain.",
                     stacklevel=3,
                 )
-            return torch.tensor(0.0, device=self.sum_loss.device)
+            return torch.tensor(float("nan"), device=self.sum_loss.device)
         # float32 like Composer's LanguageCrossEntropy, so both sit side by side in every logger.
         return (self.sum_loss / self.total_tokens).float()
 
@@ -124,7 +127,7 @@ class DomainCrossEntropy(Metric):
         """Whether any rank has seen a target token of this domain since the last reset.
 
         Reads the states as :meth:`compute` does, so it is a collective under distributed training
-        (every rank must call it) and agrees with the 0.0 that compute returns for an empty domain.
+        (every rank must call it) and agrees with the NaN that compute returns for an empty domain.
         """
         # The states may already be synced (compute with should_unsync=False); syncing twice raises.
         with self.sync_context(should_sync=self._to_sync and not self._is_synced, should_unsync=True):

@@ -212,7 +212,11 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
             if name.endswith(".safetensors"):
                 weights.update(map_safetensors(hf_dir / name))
             else:
-                weights.update(torch.load(hf_dir / name, map_location="cpu", weights_only=True, mmap=True))
+                try:
+                    weights.update(torch.load(hf_dir / name, map_location="cpu", weights_only=True, mmap=True))
+                except Exception as err:  # torch raises several types for a truncated or foreign file
+                    raise ConversionError(f"{hf_dir / name} is not a readable torch weights file (truncated?): "
+                                          f"{str(err).splitlines()[0]}") from err
         return weights
     raise ConversionError(f"{hf_dir} holds no model.safetensors or pytorch_model.bin (sharded or not)")
 
