@@ -6,7 +6,9 @@ import os
 from typing import Any
 
 from composer import Callback, Logger, State
+from composer.utils import dist
 
+from llmhift.models.hf_adapter import ConversionError
 from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import ComposerLlama
 from llmhift.utils.checkpoints import METADATA_CALLBACK, metadata_from_state, metadata_state, source_metadata, tokenizer_files
@@ -72,12 +74,28 @@ class CheckpointMetadataCallback(Callback):
         self.tokenizer = tokenizer
         self.metadata: dict[str, Any] = {}
 
-    def init(self, state: State, logger: Logger) -> None:
-        del logger  # unused
-        model = state.model.module if hasattr(state.model, "module") else state.model  # DDP wraps it
+    def _read_files(self) -> dict[str, Any]:
         metadata = source_metadata(self.source) if self.source else {}
         if "tokenizer_files" not in metadata and self.tokenizer:
             metadata["tokenizer_files"] = tokenizer_files(self.tokenizer)
+        return metadata
+
+    def init(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        # Rank 0 reads the files and sends them to the other ranks, which read nothing of the source (as
+        # under FSDP, where they load no weights either): every rank then holds the same state, which a
+        # sharded checkpoint stores once, from any rank.
+        read: list[Any] = [None, None]
+        if dist.get_global_rank() == 0:
+            try:
+                read[0] = self._read_files()
+            except (ConversionError, OSError, ValueError) as err:
+                read[1] = f"{type(err).__name__}: {err}"
+        dist.broadcast_object_list(read, src=0)
+        if read[1] is not None:
+            raise ConversionError(f"model.pretrained: {self.source}: cannot read its metadata: {read[1]}")
+        metadata = read[0]
+        model = state.model.module if hasattr(state.model, "module") else state.model  # DDP wraps it
         if isinstance(model, ComposerLlama):
             metadata["model_config"] = model.config.to_dict()
             if isinstance(model.mask_source, L0Module):
