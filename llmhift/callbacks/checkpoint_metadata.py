@@ -9,9 +9,15 @@ from composer import Callback, Logger, State
 from composer.utils import dist
 
 from llmhift.models.hf_adapter import ConversionError
-from llmhift.models.l0_module import L0Module
+from llmhift.models.l0_module import TARGET_KEYS, L0Module
 from llmhift.models.llama import ComposerLlama
-from llmhift.utils.checkpoints import METADATA_CALLBACK, metadata_from_state, metadata_state, source_metadata, tokenizer_files
+from llmhift.utils.checkpoints import (
+    METADATA_CALLBACK,
+    metadata_from_state,
+    metadata_state,
+    source_metadata,
+    tokenizer_files,
+)
 
 __all__ = ["CheckpointMetadataCallback", "l0_module_config"]
 
@@ -20,8 +26,7 @@ def l0_module_config(l0: L0Module) -> dict[str, Any]:
     """The arguments of :meth:`L0Module.from_dict` that rebuild ``l0`` on its source config, with the
     target written out in full (a yaml may leave keys to default to the source's)."""
     return {
-        "target_model": {key: getattr(l0.target, key) for key in ("d_model", "n_heads", "n_kv_heads", "n_layers",
-                                                                   "intermediate_size")},
+        "target_model": {key: getattr(l0.target, key) for key in TARGET_KEYS},
         "pruning_modules": list(l0.pruning_modules),
         "lagrangian_warmup_steps": l0.warmup_steps,
         "start_sparsity": l0.start_sparsity,
@@ -42,7 +47,8 @@ class CheckpointMetadataCallback(Callback):
     ``llmhift.utils.checkpoints.METADATA_CALLBACK``); ``llmhift.utils.checkpoints.stored_metadata(path)``
     reads it back. It is collected at INIT: the model's config (``ComposerLlama``: ``config.to_dict()``,
     and the ``L0Module``'s arguments when pruning) and, with ``source``, the source's metadata (an HF
-    folder's files, or what a Composer checkpoint or ``pruned-*.pt`` itself carries, passed on).
+    folder's files, or what a Composer checkpoint or ``pruned-*.pt`` itself carries, passed on). Rank 0
+    reads the source's files and broadcasts them: other ranks read nothing of the source.
 
     On resume the stored metadata is loaded and the new run's own takes precedence where it knows a
     field, so a run resumed without ``model.pretrained`` still passes on its source's files. train.py adds
@@ -59,7 +65,8 @@ class CheckpointMetadataCallback(Callback):
     Example:
         >>> from composer import Trainer
         >>> trainer = Trainer(model=ComposerLlama(config), train_dataloader=loader, max_duration="10ba",
-        ...                   save_folder="ck", callbacks=[CheckpointMetadataCallback(source="hf/llama")])  # doctest: +SKIP
+        ...                   save_folder="ck",
+        ...                   callbacks=[CheckpointMetadataCallback(source="hf/llama")])  # doctest: +SKIP
         >>> stored_metadata("ck/latest-rank0.pt")["hf_config"]["eos_token_id"]  # doctest: +SKIP
 
     Logs nothing.
