@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
@@ -139,7 +140,10 @@ def _build_named(section: str, registry: Mapping[str, Callable[..., Any]], entri
 
 
 def build_callbacks(config: TrainConfig) -> list[Callback]:
-    return _build_named("callbacks", CALLBACKS, config.callbacks)
+    """The yaml's callbacks, plus the one that makes every checkpoint carry its model's config and source."""
+    tokenizer = config.tokenizer.name if config.tokenizer else None
+    metadata = CheckpointMetadataCallback(source=config.model.get("pretrained"), tokenizer=tokenizer)
+    return [*_build_named("callbacks", CALLBACKS, config.callbacks), metadata]
 
 
 def build_loggers(config: TrainConfig) -> list[LoggerDestination]:

@@ -1,7 +1,8 @@
-"""llmhift callbacks for a vanilla Composer Trainer: pruning, dynamic batch loading, HiFT."""
+"""llmhift callbacks for a vanilla Composer Trainer: pruning, dynamic batch loading, HiFT, checkpoint metadata."""
 
+from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
 
-__all__ = ["DynamicLoadingCallback", "HiFTCallback", "PruningCallback"]
+__all__ = ["CheckpointMetadataCallback", "DynamicLoadingCallback", "HiFTCallback", "PruningCallback"]

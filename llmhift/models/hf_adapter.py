@@ -17,6 +17,8 @@ __all__ = [
     "llmhift_to_hf_state_dict",
     "llama_config_from_hf",
     "hf_config_from_llama",
+    "updated_hf_config",
+    "HF_CONFIG_FIELDS",
     "infer_llama_config",
     "check_state_dict_matches",
 ]
@@ -138,9 +140,39 @@ def llama_config_from_hf(hf_config: Mapping[str, Any]) -> LlamaConfig:
     )
 
 
+# config.json's fields that LlamaConfig models, and the LlamaConfig field each one holds.
+HF_CONFIG_FIELDS = {
+    "vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
+    "intermediate_size": "intermediate_size", "max_position_embeddings": "max_seq_len", "rope_theta": "rope_theta",
+    "rope_scaling": "rope_scaling", "rms_norm_eps": "rms_norm_eps", "tie_word_embeddings": "tie_word_embeddings",
+}  # fmt: skip
+
+
+def updated_hf_config(base: Mapping[str, Any], config: LlamaConfig) -> dict[str, Any]:
+    """The source's config.json ``base`` with only the fields ``config`` changes (a pruned shape, a
+    rope_scaling chosen for context extension); every other field, and the source's own spelling of
+    an unchanged one (``rope_theta: 100000.0``, extra rope_scaling keys), stays as the source had it.
+
+    ``max_position_embeddings`` stays the source's unless ``config.max_seq_len`` exceeds it: training
+    on shorter sequences than the model reaches does not shorten its reach."""
+    hf = dict(base)
+    source = llama_config_from_hf({k: v for k, v in hf.items() if k != "sliding_window"})
+    for hf_key, field in HF_CONFIG_FIELDS.items():
+        value = getattr(config, field)
+        if getattr(source, field) == value or (field == "max_seq_len" and value < source.max_seq_len):
+            continue
+        hf[hf_key] = value
+    if "head_dim" not in hf and config.head_dim * config.n_heads != config.d_model:
+        hf["head_dim"] = config.head_dim  # HF would derive hidden_size // num_attention_heads
+    return hf
+
+
 def hf_config_from_llama(config: LlamaConfig, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """LlamaConfig -> an HF LlamaConfig dict. ``base`` (the source's own config.json, when known)
-    keeps fields llmhift does not model, such as token ids, while the shapes come from ``config``."""
+    """LlamaConfig -> an HF LlamaConfig dict. With ``base`` (the source's own config.json, when known) it is
+    the source's config updated where ``config`` differs (:func:`updated_hf_config`): token ids,
+    ``max_position_embeddings`` and fields llmhift does not model stay. Without, it is inferred from
+    ``config`` alone."""
     missing = {"attention": config.layers_without_attn, "MLP": config.layers_without_mlp}
     for sublayer, layers in missing.items():
         if layers:
@@ -149,8 +181,12 @@ def hf_config_from_llama(config: LlamaConfig, base: Mapping[str, Any] | None = N
                 "LlamaForCausalLM cannot express; keep training it with llmhift (ComposerLlama loads it), "
                 "or prune without head_layer/mlp in pruning_modules so every layer keeps both sublayers"
             )
-    hf = dict(base or {})
-    hf.update(
+    if base:
+        hf = updated_hf_config(base, config)
+        hf.update(architectures=["LlamaForCausalLM"], model_type="llama")
+        hf.pop("sliding_window", None)
+        return hf
+    return dict(
         architectures=["LlamaForCausalLM"],
         model_type="llama",
         vocab_size=config.vocab_size,
@@ -169,8 +205,6 @@ def hf_config_from_llama(config: LlamaConfig, base: Mapping[str, Any] | None = N
         attention_bias=False,
         mlp_bias=False,
     )
-    hf.pop("sliding_window", None)
-    return hf
 
 
 def infer_llama_config(

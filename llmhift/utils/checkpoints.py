@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import mmap
@@ -20,6 +21,12 @@ from llmhift.models.hf_adapter import ConversionError, hf_to_llmhift_state_dict
 
 __all__ = [
     "LLMHIFT_KEY",
+    "METADATA_CALLBACK",
+    "checked_metadata",
+    "metadata_from_state",
+    "metadata_state",
+    "source_metadata",
+    "tokenizer_files",
     "is_sharded_checkpoint",
     "load_checkpoint",
     "map_safetensors",
@@ -34,6 +41,17 @@ __all__ = [
 # Where llmhift keeps its own metadata (model config, source HF config, tokenizer files) inside a
 # checkpoint dict, beside Composer's `state`.
 LLMHIFT_KEY = "llmhift"
+# What train.py's checkpoints carry the same metadata under: Composer stores every callback's
+# ``state_dict()`` as ``state.callbacks[<class __qualname__>]`` (file and sharded checkpoints alike), and
+# llmhift.callbacks.CheckpointMetadataCallback pins its ``__qualname__`` to this name.
+METADATA_CALLBACK = "CheckpointMetadataCallback"
+# The one field of that callback state: the metadata as JSON (a single leaf, so that a sharded
+# checkpoint's key layout does not depend on which source the model came from; see metadata_state).
+_METADATA_FIELD = "json"
+# Files of an HF folder that belong to its tokenizer, besides those named tokenizer*.
+TOKENIZER_NAMES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+# Model fields that say how a run computes, not what the weights are: a run config may differ in them.
+RUNTIME_FIELDS = ("attn_impl", "activation_checkpointing", "init_std")
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
@@ -268,11 +286,153 @@ def run_config_beside(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return {}
 
 
+def tokenizer_files(folder: str | os.PathLike) -> dict[str, bytes]:
+    """The tokenizer's files in an HF folder (tokenizer.json, tokenizer.model, special tokens, ...)."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(Path(folder).iterdir())
+        if p.is_file() and (p.name.startswith("tokenizer") or p.name in TOKENIZER_NAMES)
+    }
+
+
+def metadata_state(meta: dict[str, Any]) -> dict[str, str]:
+    """The callback state that carries ``meta`` in a checkpoint: one JSON string, tokenizer files in base64.
+
+    One leaf rather than the nested dict: a torch distributed checkpoint flattens dicts into one key per
+    leaf, and Composer's sharded resume loads into the state the new run's callback holds, failing on
+    any key the checkpoint lacks; a single leaf keeps the layout the same whatever the source was."""
+    encoded = dict(meta)
+    if "tokenizer_files" in encoded:
+        encoded["tokenizer_files"] = {
+            name: base64.b64encode(content).decode("ascii") for name, content in meta["tokenizer_files"].items()
+        }
+    return {_METADATA_FIELD: json.dumps(encoded, sort_keys=True)}
+
+
+def metadata_from_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`metadata_state`."""
+    meta = json.loads(state[_METADATA_FIELD])
+    if "tokenizer_files" in meta:
+        meta["tokenizer_files"] = {name: base64.b64decode(text) for name, text in meta["tokenizer_files"].items()}
+    return meta
+
+
+def _sharded_callback_state(folder: Path) -> dict[str, Any] | None:
+    """The metadata callback's state in a sharded checkpoint, read alone (no tensor is touched)."""
+    import torch.distributed.checkpoint as dcp
+
+    key = f"state.callbacks.{METADATA_CALLBACK}.{_METADATA_FIELD}"  # DCP's flattened name of the leaf
+    try:
+        reader = dcp.FileSystemReader(folder)
+        if key not in reader.read_metadata().state_dict_metadata:
+            return None
+        holder = {"state": {"callbacks": {METADATA_CALLBACK: {_METADATA_FIELD: ""}}}}
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(holder, storage_reader=reader, no_dist=True)
+    except Exception as err:  # a truncated or foreign folder fails in several ways inside torch
+        raise ConversionError(f"{folder} is not a readable sharded checkpoint: {err}") from err
+    return holder["state"]["callbacks"][METADATA_CALLBACK]
+
+
+def _stored(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what train.py's metadata callback stored, what a converter stored under ``LLMHIFT_KEY``)."""
+    if is_sharded_checkpoint(path):
+        state = _sharded_callback_state(path)
+        return (metadata_from_state(state) if state else {}), {}
+    if not path.is_file():
+        return {}, {}
+    checkpoint = load_checkpoint(path, memory_map=True)
+    callbacks = checkpoint.get("state", {}).get("callbacks") if isinstance(checkpoint.get("state"), dict) else None
+    state = (callbacks or {}).get(METADATA_CALLBACK)
+    return (metadata_from_state(state) if state else {}), dict(checkpoint.get(LLMHIFT_KEY) or {})
+
+
 def stored_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """llmhift's metadata stored inside a checkpoint file (``model_config``, ``hf_config``,
-    ``tokenizer_files``, ...), or ``{}`` when it holds none. Tools read the model's architecture
-    from here rather than from a yaml that may have changed since the checkpoint was written."""
+    """llmhift's metadata stored inside a checkpoint (``model_config``, and where known ``l0_module``,
+    ``hf_config``, ``generation_config``, ``tokenizer_files``), or ``{}`` when it holds none.
+
+    Reads what train.py's checkpoints carry (file or sharded folder, or the ``latest-rank0.pt`` link to
+    either) and what the converters write (``save_hf_to_composer``, ``prune_and_save_model``). Tools read
+    the model's architecture from here rather than from a yaml that may have changed since the
+    checkpoint was written."""
+    from_run, from_converter = _stored(Path(path))
+    return {**from_run, **from_converter}
+
+
+def source_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """What a model built from ``path`` (``model.pretrained``) inherits: an HF folder's ``hf_config``,
+    ``generation_config`` and ``tokenizer_files``; a checkpoint's own stored ones, carried forward. The
+    model and L0 configs are the new model's own, so they are not inherited."""
     path = Path(path)
-    if is_sharded_checkpoint(path) or not path.is_file():
-        return {}
-    return dict(load_checkpoint(path, memory_map=True).get(LLMHIFT_KEY) or {})
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        if not (path / "config.json").is_file():
+            raise ConversionError(f"{path} is a folder without config.json: not a Hugging Face model folder")
+        meta: dict[str, Any] = {"hf_config": json.loads((path / "config.json").read_text())}
+        if (path / "generation_config.json").is_file():
+            meta["generation_config"] = json.loads((path / "generation_config.json").read_text())
+        files = tokenizer_files(path)
+        if files:
+            meta["tokenizer_files"] = files
+        return meta
+    return {k: v for k, v in stored_metadata(path).items() if k not in ("model_config", "l0_module")}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list) and isinstance(b, list):  # pruning_modules, layers_without_*: order carries nothing
+        return sorted(a) == sorted(b)
+    return a == b
+
+
+def _contradictions(stored: dict[str, Any], claimed: dict[str, Any], prefix: str) -> list[str]:
+    """``prefix.field=claimed (checkpoint: stored)`` for every field both set to different values."""
+    found = []
+    for key, value in claimed.items():
+        if value is None or key not in stored or key in RUNTIME_FIELDS:
+            continue
+        if isinstance(value, dict) and isinstance(stored[key], dict):
+            found += _contradictions(stored[key], value, f"{prefix}{key}.")
+        elif not _same(value, stored[key]):
+            found.append(f"{prefix}{key}={value} (checkpoint: {stored[key]})")
+    return found
+
+
+def checked_metadata(checkpoint: str | os.PathLike, config_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The checkpoint's metadata with its ``model_config`` (and ``l0_module``), checked against the run config.
+
+    The run config is ``config_path`` or else the ``config.yaml`` train.py saved beside the checkpoint.
+    A checkpoint that stores its config is described by it, and a run config that contradicts it is
+    refused, naming every contradicting field: it was written for another model (a later run into the
+    same folder, say). A converter's output (``pruned-*.pt``) is checked only against an explicit
+    ``config_path``: the config.yaml beside it describes the run it was made from, not it. An older
+    checkpoint without a stored config takes its model and l0_module sections from the run config.
+    """
+    from_run, from_converter = _stored(Path(checkpoint))
+    meta = {**from_run, **from_converter}
+    if config_path is not None:
+        where, fix = f"config={config_path}", "drop config= (the checkpoint carries its own config) or fix that file"
+        run_config = yaml.safe_load(Path(config_path).read_text()) or {}
+    else:
+        where = f"the config.yaml beside {checkpoint}"
+        fix = "it was written for another model (a later run into that folder?): move it aside"
+        described = "model_config" not in from_converter  # a converter's output is described by itself alone
+        run_config = run_config_beside(checkpoint) if described else {}
+    section = dict(run_config.get("model") or {})
+    l0_section = section.pop("l0_module", None)
+    claimed = {k: v for k, v in section.items() if k not in ("name", "pretrained")}
+    if "model_config" not in meta:  # written before checkpoints carried their config
+        if section.get("name") == "llama":
+            meta["model_config"] = claimed
+        if l0_section is not None:
+            meta["l0_module"] = l0_section
+        return meta
+    found = _contradictions(meta["model_config"], claimed, "model.")
+    if l0_section is not None:
+        if "l0_module" not in meta:
+            found.append("model.l0_module (the checkpoint is not a pruning run's)")
+        else:
+            shaping = {k: l0_section[k] for k in ("target_model", "pruning_modules") if k in l0_section}
+            found += _contradictions(meta["l0_module"], shaping, "model.l0_module.")
+    if found:
+        raise ConversionError(f"{where} contradicts the config stored in {checkpoint}: {', '.join(found)}; {fix}")
+    return meta

@@ -34,10 +34,13 @@ from llmhift.models.llama import LlamaConfig
 from llmhift.utils.atomic import OutputError, atomic_directory, atomic_file, check_destination, check_inputs
 from llmhift.utils.checkpoints import (
     LLMHIFT_KEY,
+    checked_metadata,
     load_checkpoint,
     model_state_dict,
     read_hf_weights,
     run_config_beside,
+    source_metadata,
+    tokenizer_files,
     write_hf_weights,
 )
 
@@ -46,16 +49,6 @@ __all__ = ["save_hf_to_composer", "save_composer_to_hf", "load_llama_checkpoint"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WRITTEN_BY = "written_by"  # llmhift metadata key: the command that wrote a single-file output
 TO_COMPOSER, TO_HF = "save_hf_to_composer", "save_composer_to_hf"  # also the commands' output markers
-TOKENIZER_NAMES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
-
-
-def _tokenizer_files(folder: Path) -> dict[str, bytes]:
-    """The tokenizer's files in an HF folder (tokenizer.json, tokenizer.model, special tokens, ...)."""
-    return {
-        p.name: p.read_bytes()
-        for p in sorted(folder.iterdir())
-        if p.is_file() and (p.name.startswith("tokenizer") or p.name in TOKENIZER_NAMES)
-    }
 
 
 def file_written_by(path: Path, command: str) -> bool:
@@ -85,8 +78,8 @@ def save_torch_file(obj: Any, path: Path) -> None:
 def save_hf_to_composer(hf_dir: str | Path, out_path: str | Path, overwrite: bool = False) -> Path:
     """An HF LLaMA/Mistral folder -> a checkpoint whose ``state.model`` loads into ComposerLlama.
 
-    The file also carries the model config, the source's config.json and its tokenizer files, so
-    the way back to HF needs nothing else.
+    The file also carries the model config, the source's config.json, generation_config.json and
+    tokenizer files, so the way back to HF needs nothing else.
     """
     hf_dir = Path(hf_dir)
     check_inputs(out_path, [hf_dir])
@@ -100,12 +93,7 @@ def save_hf_to_composer(hf_dir: str | Path, out_path: str | Path, overwrite: boo
     check_state_dict_matches(weights, config)
     checkpoint = {
         "state": {"model": weights},
-        LLMHIFT_KEY: {
-            "model_config": config.to_dict(),
-            "hf_config": hf_config,
-            "tokenizer_files": _tokenizer_files(hf_dir),
-            WRITTEN_BY: TO_COMPOSER,
-        },
+        LLMHIFT_KEY: {"model_config": config.to_dict(), **source_metadata(hf_dir), WRITTEN_BY: TO_COMPOSER},
     }
     needs = sum(t.numel() * t.element_size() for t in weights.values())
     with atomic_file(out_path, overwrite, command=TO_COMPOSER, inputs=[hf_dir], needs=needs,
@@ -120,19 +108,16 @@ def load_llama_checkpoint(
     """(config, ComposerLlama weights, llmhift metadata) of a checkpoint.
 
     The config comes from, in order of precedence: ``overrides``; the model config stored in the
-    checkpoint (by ``save_hf_to_composer``) or in the ``config.yaml`` that ``train.py`` saved beside
-    it; the weights' shapes. All of them are cross-checked against the shapes.
+    checkpoint (by train.py or a converter; a ``config.yaml`` beside that contradicts it is refused) or,
+    for checkpoints older than that, the ``config.yaml`` train.py saved beside it; the weights' shapes.
+    All of them are cross-checked against the shapes.
     """
+    meta = checked_metadata(path)
+    meta.pop("l0_module", None)
     checkpoint = load_checkpoint(path, memory_map=True, model_only=True)
-    meta = dict(checkpoint.get(LLMHIFT_KEY, {}))
-    run_config = run_config_beside(path)
-    if "model_config" not in meta and run_config.get("model", {}).get("name") == "llama":
-        meta["model_config"] = {
-            k: v for k, v in run_config["model"].items() if k not in ("name", "pretrained", "l0_module")
-        }
-    tokenizer_dir = Path((run_config.get("tokenizer") or {}).get("name") or "")
+    tokenizer_dir = Path((run_config_beside(path).get("tokenizer") or {}).get("name") or "")
     if "tokenizer_files" not in meta and tokenizer_dir.name and tokenizer_dir.is_dir():
-        meta["tokenizer_files"] = _tokenizer_files(tokenizer_dir)
+        meta["tokenizer_files"] = tokenizer_files(tokenizer_dir)
     weights = model_state_dict(checkpoint)
     if any(k.startswith("mask_source.") for k in weights):
         raise ConversionError(
@@ -151,7 +136,11 @@ def save_composer_to_hf(
     overwrite: bool = False,
     **config_overrides: Any,
 ) -> Path:
-    """A Composer checkpoint or state dict -> an HF LlamaForCausalLM folder (safetensors), atomically."""
+    """A Composer checkpoint or state dict -> an HF LlamaForCausalLM folder (safetensors), atomically.
+
+    With a source model known to the checkpoint (trained from an HF folder, or converted from one), the
+    folder keeps what the source had: its config.json except the fields the weights changed (a pruned
+    shape) and the dtype, its generation_config.json and its tokenizer files."""
     if dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     if tokenizer is not None and not Path(tokenizer).is_dir():
@@ -164,13 +153,17 @@ def save_composer_to_hf(
     config, weights, meta = load_llama_checkpoint(checkpoint_path, config_overrides)
     hf_weights = {k: v.to(DTYPES[dtype]) for k, v in llmhift_to_hf_state_dict(weights).items()}
     hf_config = hf_config_from_llama(config, meta.get("hf_config"))
-    hf_config["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
-    tokenizer_files = _tokenizer_files(Path(tokenizer)) if tokenizer else meta.get("tokenizer_files", {})
+    # transformers >= 4.56 writes and reads `dtype`, older versions `torch_dtype`: keep the source's key.
+    dtype_key = "dtype" if "dtype" in hf_config else "torch_dtype"
+    hf_config[dtype_key] = str(DTYPES[dtype]).removeprefix("torch.")
+    tokenizer_content = tokenizer_files(tokenizer) if tokenizer else meta.get("tokenizer_files", {})
     needs = sum(t.numel() * t.element_size() for t in hf_weights.values())
     with atomic_directory(out_dir, overwrite, command=TO_HF, inputs=inputs, needs=needs) as tmp:
         write_hf_weights(hf_weights, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        for name, content in tokenizer_files.items():
+        if "generation_config" in meta:
+            (tmp / "generation_config.json").write_text(json.dumps(meta["generation_config"], indent=2) + "\n")
+        for name, content in tokenizer_content.items():
             (tmp / name).write_bytes(content)
     return Path(out_dir)
 

@@ -4,7 +4,11 @@
 
 writes ``pruned-<name>`` beside CKPT: ``state.model`` holds the pruned weights and
 ``llmhift.model_config`` its shape, so ``model.pretrained:`` of a continued-pretraining yaml and
-``composer_to_hf save_composer_to_hf`` read it without hand-typed shapes.
+``composer_to_hf save_composer_to_hf`` read it without hand-typed shapes. The source model's metadata
+travels on: its config.json with only the pruned shape fields updated, generation_config.json and
+tokenizer files. The model and l0_module configs come from CKPT itself (train.py stores them); a
+``config=`` or a config.yaml beside CKPT that contradicts them is refused. Checkpoints older than that
+take them from ``config=`` or the config.yaml beside.
 
 Masks are folded into the weights before slicing, so the pruned model computes exactly what the
 masked model computes. A layer removed by the ``layer`` gate disappears and later layers are
@@ -18,16 +22,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-import yaml
 
-from llmhift.models.hf_adapter import ConversionError
+from llmhift.models.hf_adapter import ConversionError, updated_hf_config
 from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import LlamaConfig
 from llmhift.utils.atomic import atomic_file, check_destination, check_inputs
-from llmhift.utils.checkpoints import LLMHIFT_KEY, load_checkpoint, model_state_dict, run_config_beside
+from llmhift.utils.checkpoints import LLMHIFT_KEY, checked_metadata, load_checkpoint, model_state_dict
 from llmhift.utils.composer_to_hf import WRITTEN_BY, file_written_by, parse_overrides, save_torch_file
 
 __all__ = ["prune_llama_weights", "prune_and_save_model", "main"]
@@ -121,18 +124,6 @@ def prune_llama_weights(
     return pruned, {k: v.to(dtype).contiguous() for k, v in out.items()}
 
 
-def _run_config(checkpoint: Path, config_path: str | Path | None) -> dict[str, Any]:
-    if config_path is not None:
-        return yaml.safe_load(Path(config_path).read_text()) or {}
-    found = run_config_beside(checkpoint)
-    if not found:
-        raise ConversionError(
-            f"no config.yaml beside {checkpoint} (train.py writes one into its save_folder); "
-            "pass config=PATH/TO/run.yaml with the model and model.l0_module sections"
-        )
-    return found
-
-
 def prune_and_save_model(
     checkpoint_path: str | Path, config: str | Path | None = None, overwrite: bool = False
 ) -> Path:
@@ -144,12 +135,16 @@ def prune_and_save_model(
     inputs = [checkpoint_path, *([config] if config is not None else [])]
     check_inputs(out, inputs)
     check_destination(out, overwrite, COMMAND, lambda path: file_written_by(path, COMMAND))
-    model_section = dict(_run_config(checkpoint_path, config).get("model") or {})
-    if "l0_module" not in model_section:
-        raise ConversionError("the run's model section has no l0_module: this is not a pruning run")
-    l0_values = model_section.pop("l0_module")
-    source = LlamaConfig.from_dict({k: v for k, v in model_section.items() if k not in ("name", "pretrained")})
-    l0 = L0Module.from_dict(source, l0_values)
+    meta = checked_metadata(checkpoint_path, config)
+    if "model_config" not in meta:
+        raise ConversionError(
+            f"{checkpoint_path} stores no model config and there is no config.yaml beside it (train.py writes one "
+            "into its save_folder); pass config=PATH/TO/run.yaml with the model and model.l0_module sections"
+        )
+    if "l0_module" not in meta:
+        raise ConversionError(f"{checkpoint_path} comes from a run without model.l0_module: not a pruning run")
+    source = LlamaConfig.from_dict(meta.pop("model_config"))
+    l0 = L0Module.from_dict(source, meta.pop("l0_module"))
     checkpoint = load_checkpoint(checkpoint_path, memory_map=True, model_only=True)
     weights = model_state_dict(checkpoint)
     l0_state = {k[len(MASK_PREFIX):]: v for k, v in weights.items() if k.startswith(MASK_PREFIX)}
@@ -158,8 +153,9 @@ def prune_and_save_model(
     l0.load_state_dict(l0_state, strict=True)
     model_weights = {k: v for k, v in weights.items() if not k.startswith(MASK_PREFIX)}
     pruned_config, pruned = prune_llama_weights(model_weights, source, l0.deterministic_masks(exact_target=True))
-    meta = dict(checkpoint.get(LLMHIFT_KEY, {}))
     meta["model_config"] = pruned_config.to_dict()
+    if "hf_config" in meta:  # the source's config.json, with the pruned shape
+        meta["hf_config"] = updated_hf_config(meta["hf_config"], pruned_config)
     meta[WRITTEN_BY] = COMMAND
     needs = sum(t.numel() * t.element_size() for t in pruned.values())
     with atomic_file(out, overwrite, command=COMMAND, inputs=inputs, needs=needs,
