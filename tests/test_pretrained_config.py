@@ -142,7 +142,7 @@ def test_dry_run_prints_the_resolved_architecture_and_where_each_field_came_from
 
 
 def test_gqa_pruning_yaml_takes_its_source_shape_from_the_config(tmp_path, capsys):
-    source = config_only_model(tmp_path, LLAMA3_8B_CONFIG)
-    assert train.main(["yamls/pruning/llama3_8b_gqa_example.yaml", "--dry-run", f"variables.source_model={source}"]) == 0
+    source = f"variables.source_model={config_only_model(tmp_path, LLAMA3_8B_CONFIG)}"
+    assert train.main(["yamls/pruning/llama3_8b_gqa_example.yaml", "--dry-run", source]) == 0
     pruning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pruning: "))
     assert "(8.03B) -> target" in pruning and "(1.83B)" in pruning and "heads 16 (kv 4)" in pruning, pruning
