@@ -25,7 +25,6 @@ from llmhift.models.llama import LlamaConfig
 from llmhift.utils.checkpoints import is_sharded_checkpoint, stored_metadata
 
 __all__ = [
-    "ARCHITECTURE_FIELDS",
     "CHOICE_FIELDS",
     "HF_CHOICE_FIELDS",
     "HF_LOADING_OPTIONS",
@@ -37,15 +36,14 @@ __all__ = [
     "resolve_model_section",
 ]
 
-# What the weights compute: a yaml value that differs from the checkpoint's is refused.
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
-    "tie_word_embeddings", "rope_theta", "rms_norm_eps", "layers_without_attn", "layers_without_mlp",
-)  # fmt: skip
-# Choices of the run: a yaml value that differs from the checkpoint's wins, with one warning line
-# (a longer context with rope_scaling, another attention kernel, recomputation to save memory).
-CHOICE_FIELDS = ("max_seq_len", "rope_scaling", "attn_impl", "activation_checkpointing", "init_std")
-# How a run computes, which a Hugging Face config.json does not say: the yaml's or llmhift's defaults.
+# What a checkpoint declares that a run may choose otherwise: a yaml value that differs wins, with one
+# warning line (a shorter training context, a longer one with rope_scaling). Every other declared field
+# is what the weights compute (shapes, tie_word_embeddings, rope_theta, rms_norm_eps, layers_without_*):
+# a yaml value that differs is refused.
+CHOICE_FIELDS = ("max_seq_len", "rope_scaling")
+# How a run computes, never taken from a checkpoint: the yaml's, else llmhift's defaults. A config.json
+# does not say them, and a stored config's values were another run's hardware choices (flash_attn on a
+# GPU, recomputation under FSDP) that would silently follow the weights onto this run's.
 RUN_SETTINGS = ("attn_impl", "activation_checkpointing", "init_std")
 # The fields a parameter count needs; a dry run prints no size that rests on a default of these.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "intermediate_size")
@@ -103,8 +101,8 @@ def declared_llama_config(path: str | Path) -> tuple[dict[str, Any], str] | None
     """(the LlamaConfig fields a checkpoint declares, where they come from), or None when it declares
     none (a bare state dict, a checkpoint written before checkpoints carried their config).
 
-    An HF folder declares everything in its config.json except how the run computes (RUN_SETTINGS);
-    a Composer checkpoint, pruned-*.pt or sharded folder declares the model config stored in it.
+    An HF folder declares its config.json, a Composer checkpoint, pruned-*.pt or sharded folder the
+    model config stored in it; neither declares how the run computes (RUN_SETTINGS).
     """
     path = Path(path)
     if path.is_dir() and not is_sharded_checkpoint(path):
@@ -125,7 +123,7 @@ def declared_llama_config(path: str | Path) -> tuple[dict[str, Any], str] | None
         raise ConfigError(f"model.pretrained: {err}") from None
     if not stored:
         return None
-    return dict(stored), f"the model config stored in {path}"
+    return {k: v for k, v in stored.items() if k not in RUN_SETTINGS}, f"the model config stored in {path}"
 
 
 def resolve_llama_section(section: Mapping[str, Any], missing_ok: bool = False) -> Resolution:
@@ -133,8 +131,8 @@ def resolve_llama_section(section: Mapping[str, Any], missing_ok: bool = False) 
     checked against it. ``missing_ok``: a ``model.pretrained`` that is not on this machine gives a
     note and the yaml over llmhift's defaults (a dry run away from the cluster) instead of an error."""
     yaml = {k: v for k, v in section.items() if k not in SECTION_KEYS}
-    names = {f.name for f in LlamaConfig.__dataclass_fields__.values()}
-    unknown = sorted(set(yaml) - names)
+    names = list(LlamaConfig.__dataclass_fields__)  # in declaration order, for a stable message
+    unknown = sorted(set(yaml) - set(names))
     if unknown:
         raise ConfigError(f"model: unknown model config key(s) {unknown}; allowed: {sorted(names)}")
     pretrained = section.get("pretrained")
@@ -153,7 +151,8 @@ def resolve_llama_section(section: Mapping[str, Any], missing_ok: bool = False) 
         else:
             declared, source = found
     declared = declared or {}
-    contradictions = [k for k in ARCHITECTURE_FIELDS if k in yaml and k in declared and not _same(yaml[k], declared[k])]
+    differ = [k for k in names if k in yaml and k in declared and not _same(yaml[k], declared[k])]
+    contradictions = [k for k in differ if k not in CHOICE_FIELDS]
     if contradictions:
         listed = ", ".join(f"{k}={yaml[k]!r} (checkpoint: {declared[k]!r})" for k in contradictions)
         raise ConfigError(
@@ -161,7 +160,7 @@ def resolve_llama_section(section: Mapping[str, Any], missing_ok: bool = False) 
             "(the checkpoint's own values are used), or point model.pretrained at the model you mean"
         )
     origin = {k: "yaml" for k in yaml if k not in declared}
-    overrides = {k: v for k, v in yaml.items() if k in declared and not _same(v, declared[k])}
+    overrides = {k: yaml[k] for k in differ}  # the choices: every other difference was refused above
     origin.update({k: f"yaml, not the checkpoint's {declared[k]!r}" for k in overrides})
     warnings += [f"model.{k}: {v!r} overrides {declared[k]!r} of {source}" for k, v in overrides.items()]
     try:
