@@ -57,7 +57,6 @@ __all__ = [
     "build_algorithms",
     "build_llama_config",
     "resolve_model",
-    "report_resolution",
     "build_l0_module",
     "build_model",
     "build_dataloader",
@@ -217,7 +216,7 @@ def build_llama_config(model_section: Mapping[str, Any]) -> LlamaConfig:
     return LlamaConfig.from_dict(resolve_llama_section(model_section).fields)
 
 
-def report_resolution(resolution: Resolution) -> None:
+def _report(resolution: Resolution) -> None:
     """The resolution's warning lines on stderr, once per run (rank 0)."""
     if dist.get_global_rank() == 0:
         for line in resolution.warnings:
@@ -520,7 +519,7 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     check_precision(config)
     check_activation_checkpointing(config)
     check_optimization(config)
-    report_resolution(resolve_model(config))
+    _report(resolve_model(config))
     if config.model["name"] == "llama":
         build_l0_module(config)
     domains = check_data(config)
