@@ -31,10 +31,12 @@ from llmhift.builders import (
     check_optimization,
     check_precision,
     check_tokenizer,
+    resolve_model,
 )
 from llmhift.config import ConfigError, TrainConfig, device_batch_sizes, load_config
 from llmhift.memory_estimate import ModelShape, default_world_size, estimate_run
 from llmhift.models.l0_module import count_params
+from llmhift.resolve import SHAPE_FIELDS, Resolution
 from llmhift.run_folder import LATEST_NAME, DiskFullError
 
 
@@ -43,11 +45,13 @@ def _count(params) -> int:
 
 
 def dry_run(config: TrainConfig, world_size: int = 1) -> None:
-    """Validates everything that does not need data or weights, prints the model's size and the
-    per-GPU memory estimate for ``world_size`` ranks.
+    """Validates everything that does not need data or weights, prints the resolved architecture,
+    the model's size and the per-GPU memory estimate for ``world_size`` ranks.
 
-    Settings are errors; what depends on this machine (data folders, tokenizer, a GPU for amp_*) is
-    reported as a note, since a dry run usually happens away from the cluster.
+    Settings are errors; what depends on this machine (data folders, tokenizer, a GPU for amp_*, the
+    pretrained model) is reported as a note, since a dry run usually happens away from the cluster.
+    The architecture needs only ``model.pretrained``'s config (a folder holding its config.json will
+    do), never its weights.
     """
     check_optimization(config)
     check_activation_checkpointing(config)
@@ -55,15 +59,18 @@ def dry_run(config: TrainConfig, world_size: int = 1) -> None:
     build_loggers(config)
     build_algorithms(config)
     device_batch_sizes(config, world_size=world_size, on_gpu=True)
+    resolution = resolve_model(config, missing_ok=True)
+    for line in resolution.warnings:
+        print(f"warning: {line}")
     for check in (check_data, check_tokenizer, check_precision):
         try:
             check(config)
         except ConfigError as err:
             print(f"note: {err} (a real run stops here)")
-    hf = config.model["name"] == "hf_causal_lm"
-    model = _print_hf_size(config) if hf else _print_llama_size(config)
-    if model is None:
+    if not _print_architecture(resolution):
         return
+    hf = config.model["name"] == "hf_causal_lm"
+    model = _print_hf_size(config, resolution.overrides) if hf else _print_llama_size(config)
     try:
         shape = ModelShape.from_hf(model.config) if hf else ModelShape.from_llama(model.config)
         print("\n".join(estimate_run(config, model, shape, world_size=world_size).lines()))
@@ -71,14 +78,28 @@ def dry_run(config: TrainConfig, world_size: int = 1) -> None:
         print(f"note: no memory estimate: {err}")
 
 
-def _print_hf_size(config: TrainConfig) -> torch.nn.Module | None:
-    folder = Path(config.model.get("pretrained") or "")
-    if not (folder / "config.json").is_file():
-        print(f"note: model.pretrained: {folder} holds no config.json, so the model's size is unknown "
-              "(a real run stops here)")
-        return None
+def _print_architecture(resolution: Resolution) -> bool:
+    """Prints each field of the resolved architecture, and where it came from when not the checkpoint.
+    False when model.pretrained is not on this machine and a size would rest on llmhift's defaults."""
+    if resolution.note:
+        defaults = [k for k in SHAPE_FIELDS if resolution.origin.get(k, "default") == "default"]
+        if defaults or not resolution.fields:
+            print(f"note: {resolution.note}, so the model's architecture and size are unknown; a folder holding "
+                  "its config.json is enough for a dry run (a real run stops here)")
+            return False
+        print(f"note: {resolution.note}; the architecture below is the yaml's (a real run stops here)")
+    print(f"architecture: {resolution.source or 'the yaml and llmhift defaults (no checkpoint config)'}")
+    for key, value in resolution.fields.items():
+        origin = resolution.origin.get(key)
+        print(f"  {key}: {value!r}" + (f"  ({origin})" if origin else ""))
+    return True
+
+
+def _print_hf_size(config: TrainConfig, overrides: dict) -> torch.nn.Module:
+    hf_config = AutoConfig.from_pretrained(config.model["pretrained"], local_files_only=True)
+    hf_config.update(overrides)  # as from_pretrained(path, key=value) does
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+        model = AutoModelForCausalLM.from_config(hf_config)
     total = _count(model.parameters())
     print(f"model: hf_causal_lm {model.config.model_type}, {total:,} parameters ({total / 1e9:.3f}B)")
     return model

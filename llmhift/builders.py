@@ -7,6 +7,7 @@ last, so that a typo costs a second, not a model load.
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -45,6 +46,7 @@ from llmhift.models.hf_causal_lm import ComposerHFCausalLM
 from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import ComposerLlama, LlamaConfig
 from llmhift.run_folder import AtomicCheckpointSaver, prepare_run_folder
+from llmhift.resolve import Resolution, resolve_hf_section, resolve_llama_section, resolve_model_section
 from llmhift.utils.checkpoints import read_llama_weights
 from llmhift.utils.checkpoints import is_sharded_checkpoint, load_checkpoint
 
@@ -59,6 +61,7 @@ __all__ = [
     "build_loggers",
     "build_algorithms",
     "build_llama_config",
+    "resolve_model",
     "build_l0_module",
     "build_model",
     "build_dataloader",
@@ -219,11 +222,27 @@ def check_tokenizer(config: TrainConfig) -> None:
 
 
 def build_llama_config(model_section: Mapping[str, Any]) -> LlamaConfig:
-    values = {k: v for k, v in model_section.items() if k not in ("name", "pretrained", "l0_module")}
-    try:
-        return LlamaConfig.from_dict(values)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model: {err}") from None
+    """The LlamaConfig of a ``llama`` model section: ``model.pretrained``'s own architecture, the
+    yaml's fields as checked overrides (see :mod:`llmhift.resolve`)."""
+    return LlamaConfig.from_dict(resolve_llama_section(model_section).fields)
+
+
+def _report(resolution: Resolution) -> None:
+    """The resolution's warning lines on stderr, once per run (rank 0)."""
+    if dist.get_global_rank() == 0:
+        for line in resolution.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+
+
+def resolve_model(config: TrainConfig, missing_ok: bool = False) -> Resolution:
+    """Resolves ``config.model`` against ``model.pretrained`` and puts the resolved section in its
+    place, so that every later check, the memory estimate and the saved config.yaml see the
+    architecture that is built, not only the fields the yaml happened to spell out."""
+    if config.model["name"] not in MODELS:
+        raise ConfigError(f"model.name: {config.model['name']!r} is not one of {MODELS}")
+    resolution = resolve_model_section(config.model, missing_ok)
+    config.model = resolution.section
+    return resolution
 
 
 def build_l0_module(config: TrainConfig) -> L0Module | None:
@@ -277,7 +296,8 @@ def _load_pretrained_llama(model: ComposerLlama, path: str) -> None:
 def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> ComposerModel:
     """The yaml's model. A llama with ``model.pretrained`` is built on the meta device and filled from
     the checkpoint. Under FSDP only rank 0 materialises the decoder (reading the checkpoint, or
-    initialising at random); the other ranks leave it on the meta device and read nothing, and
+    initialising at random); the other ranks leave it on the meta device and read no weights (only
+    the architecture: a config.json or the config a checkpoint stores), and
     Composer broadcasts rank 0's weights into every rank's shards while wrapping (FSDP2 turns
     ``sync_module_states`` on by itself when it sees rank 0 materialised and the others not; FSDP1
     gets it from ``parallelism_config``). A node thus holds one copy of the weights, not one per rank.
@@ -285,20 +305,17 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> C
     section = dict(config.model)
     name = section["name"]
     if name == "llama":
-        pretrained = section.get("pretrained")
-        if pretrained and not Path(pretrained).exists():  # every rank checks: a stat, not a read
-            raise ConfigError(f"model.pretrained: {pretrained} does not exist")
+        pretrained = section.get("pretrained")  # resolving checks that it exists: every rank stats, none reads weights
+        llama = build_llama_config(section)
         broadcast = bool(config.fsdp_config) and dist.get_global_rank() != 0
-        model = ComposerLlama(build_llama_config(section), mask_source=build_l0_module(config),
-                              eval_domains=eval_domains or (),
+        model = ComposerLlama(llama, mask_source=build_l0_module(config), eval_domains=eval_domains or (),
                               init_device="meta" if pretrained or broadcast else None)
         if pretrained and not broadcast:
             _load_pretrained_llama(model, pretrained)
         return model
     if name == "hf_causal_lm":
+        resolve_hf_section(section)  # a yaml key contradicting config.json is refused, not silently applied
         kwargs = {k: v for k, v in section.items() if k not in ("name", "pretrained")}
-        if not section.get("pretrained"):
-            raise ConfigError("model.pretrained: hf_causal_lm needs a local Hugging Face model folder")
         try:
             return ComposerHFCausalLM.from_pretrained(section["pretrained"], eval_domains=eval_domains or (), **kwargs)
         except (OSError, TypeError, ValueError) as err:
@@ -583,11 +600,9 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     check_precision(config)
     check_activation_checkpointing(config)
     check_optimization(config)
+    _report(resolve_model(config))
     if config.model["name"] == "llama":
-        build_llama_config(config.model)
         build_l0_module(config)
-    elif config.model["name"] not in MODELS:
-        raise ConfigError(f"model.name: {config.model['name']!r} is not one of {MODELS}")
     domains = check_data(config)
     check_sequence_length(config, domains)
     check_tokenizer(config)

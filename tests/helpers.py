@@ -3,6 +3,7 @@ the 2-rank CPU runs (DDP or FSDP2 over gloo)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -144,3 +145,25 @@ def run_train_main(argv: list[str], setup: Callable[[Any], None] = lambda traine
     if built:
         record["end_batch"] = int(built[0].state.timestamp.batch)
     return record, exit_code
+
+
+# The config.json of the 7B sources the recipe yamls name (Hugging Face's meta-llama/Llama-2-7b-hf and
+# Meta-Llama-3-8B, the fields llmhift reads). Those yamls take the architecture from model.pretrained,
+# and a dry run needs only this file of it: tests dry-run them with a folder holding it alone.
+LLAMA2_7B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
+    "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+LLAMA3_8B_CONFIG = {
+    **LLAMA2_7B_CONFIG, "vocab_size": 128256, "intermediate_size": 14336, "num_key_value_heads": 8,
+    "max_position_embeddings": 8192, "rope_theta": 500000.0, "bos_token_id": 128000, "eos_token_id": 128001,
+}  # fmt: skip
+
+
+def config_only_model(folder: Path, config: dict[str, Any] = LLAMA2_7B_CONFIG) -> Path:
+    """A model folder holding only ``config.json``: what a dry run away from the weights needs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

@@ -22,6 +22,7 @@ from llmhift.memory_estimate import (
     estimate_run,
     state_bytes,
 )
+from tests.helpers import config_only_model
 
 TINY = dict(name="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
             max_seq_len=32)
@@ -212,10 +213,11 @@ LLAMA2_7B = 6_738_415_616  # 32 x (4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096) + 2
 GiB = 2**30
 
 
-def test_dry_run_prints_the_7b_pruning_estimate(monkeypatch, capsys):
+def test_dry_run_prints_the_7b_pruning_estimate(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("FSDP_VERSION", raising=False)
     assert 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 2 * 32000 * 4096 + 4096 == LLAMA2_7B
-    assert train.main(["yamls/pruning/llama2_7b_to_1.3b.yaml", "--dry-run", "--world-size", "8"]) == 0
+    source = f"variables.source_model={config_only_model(tmp_path)}"  # LLaMA-2-7B's config.json, no weights
+    assert train.main(["yamls/pruning/llama2_7b_to_1.3b.yaml", "--dry-run", "--world-size", "8", source]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert "memory per GPU (estimate): FSDP2 FULL_SHARD over 8 ranks, amp_bf16, decoupled_adamw, micro-batch " \
@@ -241,9 +243,10 @@ def test_dry_run_prints_the_7b_pruning_estimate(monkeypatch, capsys):
     assert total < 80 * 10**9 / GiB  # fits an 80 GB GPU, as the paper's 8 x A100-80GB runs did
 
 
-def test_world_size_defaults_to_the_environment(monkeypatch, capsys):
+def test_world_size_defaults_to_the_environment(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert train.main(["yamls/pruning/llama2_7b_to_1.3b.yaml", "--dry-run"]) == 0
+    source = f"variables.source_model={config_only_model(tmp_path)}"
+    assert train.main(["yamls/pruning/llama2_7b_to_1.3b.yaml", "--dry-run", source]) == 0
     assert "FULL_SHARD over 8 ranks" in capsys.readouterr().out
     monkeypatch.delenv("WORLD_SIZE")
     assert train.main(["yamls/pruning/llama2_7b_to_1.3b.yaml", "--dry-run", "--world-size", "3"]) == 2

@@ -13,7 +13,7 @@ from llmhift.config import load_config
 from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.utils.composer_to_hf import save_composer_to_hf
 from llmhift.utils.post_pruning_processing import prune_and_save_model
-from tests.helpers import CrashAt
+from tests.helpers import CrashAt, config_only_model
 
 DEMO_PRUNE = "yamls/demo/prune.yaml"
 TARGET = {"d_model": 64, "n_heads": 2, "n_kv_heads": 1, "n_layers": 3, "intermediate_size": 176}
@@ -30,8 +30,9 @@ def overrides(demo_root, save_folder, *extra):
 
 
 @pytest.mark.parametrize("size, target", [("1.3b", 1.35e9), ("2.7b", 2.70e9)])
-def test_7b_pruning_yamls_dry_run_print_source_and_target(size, target, capsys):
-    assert train.main([f"yamls/pruning/llama2_7b_to_{size}.yaml", "--dry-run"]) == 0
+def test_7b_pruning_yamls_dry_run_print_source_and_target(size, target, tmp_path, capsys):
+    source = f"variables.source_model={config_only_model(tmp_path)}"  # the yaml takes the 7B shape from there
+    assert train.main([f"yamls/pruning/llama2_7b_to_{size}.yaml", "--dry-run", source]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("pruning: "))
     source_count = int(line.split("source ")[1].split(" ")[0].replace(",", ""))
     target_count = int(line.split("target ")[1].split(" ")[0].replace(",", ""))
