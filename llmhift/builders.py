@@ -45,10 +45,9 @@ from llmhift.models.hf_adapter import ConversionError, infer_llama_config
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
 from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import ComposerLlama, LlamaConfig
-from llmhift.run_folder import AtomicCheckpointSaver, prepare_run_folder
 from llmhift.resolve import Resolution, resolve_hf_section, resolve_llama_section, resolve_model_section
-from llmhift.utils.checkpoints import read_llama_weights
-from llmhift.utils.checkpoints import is_sharded_checkpoint, load_checkpoint
+from llmhift.run_folder import AtomicCheckpointSaver, prepare_run_folder
+from llmhift.utils.checkpoints import is_sharded_checkpoint, load_checkpoint, read_llama_weights
 
 __all__ = [
     "CALLBACKS",
