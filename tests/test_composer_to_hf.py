@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from llmhift.models.hf_adapter import ConversionError
+from llmhift.models.hf_adapter import ConversionError, llama_config_from_hf
 from llmhift.models.llama import ComposerLlama
 from llmhift.utils import composer_to_hf
 from llmhift.utils.composer_to_hf import load_llama_checkpoint, save_composer_to_hf, save_hf_to_composer
@@ -259,3 +259,19 @@ def test_wrapped_hf_checkpoint_with_a_tied_head_converts(tmp_path):
     assert "lm_head.weight" not in tensors
     assert torch.equal(tensors["model.embed_tokens.weight"], hf.model.embed_tokens.weight)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+@pytest.mark.parametrize("rope_parameters, theta, scaling", [
+    ({"rope_type": "default", "rope_theta": 100000.0}, 100000.0, None),
+    ({**LLAMA31_SCALING, "rope_theta": 500000.0}, 500000.0, LLAMA31_SCALING),
+])
+def test_transformers5_rope_parameters_are_read(rope_parameters, theta, scaling):
+    """transformers 5.x writes theta and scaling as one `rope_parameters` dict; the old top-level keys
+    are absent, so reading only them would build a model with theta 10000."""
+    hf = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=96,
+                                  num_attention_heads=4).to_dict()
+    for key in ("rope_theta", "rope_scaling"):
+        hf.pop(key, None)
+    config = llama_config_from_hf({**hf, "rope_parameters": rope_parameters})
+    assert config.rope_theta == theta
+    assert config.rope_scaling == scaling

@@ -124,6 +124,7 @@ def llama_config_from_hf(hf_config: Mapping[str, Any]) -> LlamaConfig:
             stacklevel=2,
         )
     heads = hf_config["num_attention_heads"]
+    rope_theta, rope_scaling = _rope_settings(hf_config)
     return LlamaConfig(
         vocab_size=hf_config["vocab_size"],
         d_model=hf_config["hidden_size"],
@@ -133,11 +134,23 @@ def llama_config_from_hf(hf_config: Mapping[str, Any]) -> LlamaConfig:
         head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
         intermediate_size=hf_config["intermediate_size"],
         max_seq_len=max_positions,
-        rope_theta=float(hf_config.get("rope_theta", 10000.0)),
-        rope_scaling=hf_config.get("rope_scaling"),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
     )
+
+
+def _rope_settings(hf_config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either spelling of config.json: transformers < 5 writes
+    ``rope_theta`` and ``rope_scaling`` at the top level; 5.x folds both into one ``rope_parameters``
+    dict. Reading only the old keys would silently fall back to theta 10000 on a 5.x checkpoint."""
+    parameters = hf_config.get("rope_parameters")
+    if not parameters:
+        return float(hf_config.get("rope_theta", 10000.0)), hf_config.get("rope_scaling")
+    scaling = {k: v for k, v in parameters.items() if k != "rope_theta"}
+    default = scaling.get("rope_type", scaling.get("type", "default")) == "default"
+    return float(parameters.get("rope_theta", 10000.0)), None if default else scaling
 
 
 # config.json's fields that LlamaConfig models, and the LlamaConfig field each one holds.
