@@ -22,7 +22,7 @@ def demo_root(tmp_path_factory):
 
 def overrides(demo_root, folder, *extra):
     return [f"variables.data_root={demo_root}", f"save_folder={folder}", "progress_bar=false",
-            "log_to_console=false", *extra]  # fmt: skip
+            "log_to_console=false", "device_eval_batch_size=128", *extra]  # fmt: skip
 
 
 def records(folder: Path) -> list[dict]:
