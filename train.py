@@ -165,6 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"eval at batch {int(trainer.state.timestamp.batch)}: {shown}")
         trainer.close()
         return 0
+    state = trainer.state
+    done = state.timestamp.get(state.max_duration.unit)
+    if state.max_duration <= done:
+        # An unattended restart loop relaunches a run that already finished: nothing to train is success.
+        print(f"run already finished: {done} of max_duration {state.max_duration}; nothing to train")
+        trainer.close()
+        return 0
     try:
         if config.eval_first and int(trainer.state.timestamp.batch) == 0:
             trainer.eval()

@@ -169,3 +169,17 @@ def test_a_run_into_a_finished_runs_folder_is_refused_and_changes_nothing(demo_r
     assert contents(folder) == before  # config.yaml included
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
     assert (folder / RUN_LOCK).is_file()
+
+
+@pytest.mark.slow
+def test_a_restart_of_a_finished_run_exits_0_without_training(demo_root, tmp_path, capsys):
+    """A preemption-restart loop relaunches a run that has just finished; Composer's fit would refuse
+    ("No training would occur") and the loop would fail forever."""
+    folder = tmp_path / "run"
+    args = [DEMO_YAML, *overrides(demo_root, folder, "autoresume=true", "run_name=finished", "max_duration=2ba")]
+    assert train.main(args) == 0
+    before = contents(folder)
+    capsys.readouterr()
+    assert train.main(args) == 0
+    assert "run already finished: 2ba of max_duration 2ba" in capsys.readouterr().out
+    assert contents(folder) == before
