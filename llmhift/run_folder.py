@@ -7,7 +7,6 @@ predecessor left behind, and two jobs pointed at one folder must never overwrite
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
@@ -24,6 +23,7 @@ from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist, save_checkpoint
 
 from llmhift.config import ConfigError
+from llmhift.utils.atomic import is_no_space
 from llmhift.utils.checkpoints import is_sharded_checkpoint, load_checkpoint
 
 __all__ = [
@@ -77,17 +77,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _disk_full(err: BaseException) -> bool:
-    """Whether ENOSPC is anywhere in the chain: torch's zip writer reports a failed Python write as its
-    own RuntimeError raised while handling the OSError."""
-    seen: Optional[BaseException] = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 class AtomicCheckpointSaver(CheckpointSaver):
     """Composer's CheckpointSaver, except that a checkpoint appears under its name only when complete.
 
@@ -135,7 +124,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             else:
                 self._save_monolithic(state)
         except Exception as err:
-            if _disk_full(err):
+            if is_no_space(err):
                 folder = Path(format_name_with_dist(self.folder, state.run_name)).absolute()
                 raise DiskFullError(self._disk_full_message(folder)) from None
             raise
