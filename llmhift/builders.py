@@ -354,8 +354,12 @@ def build_dataloader(loader: LoaderConfig, domains: list[str], batch_size: int, 
     dataset = loader.dataset
     sampler = None
     if loader.name == "instruction":
-        text = InstructionDataset(dataset.local, dataset.split, AutoTokenizer.from_pretrained(dataset.tokenizer),
-                                  dataset.max_seq_len, dataset.chat_template, dataset.packing)
+        section = "eval_loader" if for_eval else "train_loader"
+        try:  # the checks ran on one conversation per role order; a later line can still break a template
+            text = InstructionDataset(dataset.local, dataset.split, AutoTokenizer.from_pretrained(dataset.tokenizer),
+                                      dataset.max_seq_len, dataset.chat_template, dataset.packing)
+        except ValueError as err:
+            raise ConfigError(f"{section}.dataset.{err}") from None
         sampler = dist.get_sampler(text, shuffle=dataset.shuffle, seed=dataset.shuffle_seed, drop_last=loader.drop_last)
     elif loader.name == "dynamic":
         text = DynamicStreamingDataset(
