@@ -126,8 +126,8 @@ def run_train_main(argv: list[str], setup: Callable[[Any], None] = lambda traine
     built: list[Any] = []
     build_trainer = train.build_trainer
 
-    def build(config):
-        trainer = build_trainer(config)
+    def build(config, **kwargs):
+        trainer = build_trainer(config, **kwargs)
         record["start_batch"] = int(trainer.state.timestamp.batch)
         setup(trainer)
         if crash_at is not None:

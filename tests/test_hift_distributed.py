@@ -52,8 +52,8 @@ def _rank_main(argv: list[str]) -> int:
     built = {}
     build_trainer = train.build_trainer
 
-    def build_and_keep(config):
-        trainer = build_trainer(config)
+    def build_and_keep(config, **kwargs):
+        trainer = build_trainer(config, **kwargs)
         built["trainer"] = trainer
         built["initial"] = {n: p.detach().clone() for n, p in trainer.state.model.named_parameters()}
         return trainer

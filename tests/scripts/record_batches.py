@@ -60,8 +60,8 @@ def main(argv: list[str]) -> int:
     recorder = RecordBatches()
     build_trainer = train.build_trainer  # the name train.main calls; wrap it, change nothing else
 
-    def build_and_record(config):
-        trainer = build_trainer(config)
+    def build_and_record(config, **kwargs):
+        trainer = build_trainer(config, **kwargs)
         # Composer's Engine reads state.callbacks at every event, so a callback added after
         # construction runs from the first batch on (it misses only INIT, which it does not use).
         trainer.state.callbacks.append(recorder)
