@@ -38,6 +38,7 @@ from llmhift.memory_estimate import ModelShape, default_world_size, estimate_run
 from llmhift.models.l0_module import count_params
 from llmhift.resolve import SHAPE_FIELDS, Resolution
 from llmhift.run_folder import LATEST_NAME, DiskFullError
+from llmhift.utils.atomic import NoSpaceError, OutputError
 
 
 def _count(params) -> int:
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         eval_only = args.eval_only or _zero_duration(config.max_duration)
         trainer = build_trainer(config, eval_only=eval_only)
-    except ConfigError as err:
+    except (ConfigError, OutputError, NoSpaceError) as err:  # the last two: a callback's folder (HiFT offload_dir)
         print(f"error: {err}", file=sys.stderr)
         return 2
     if eval_only:
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.eval_first and int(trainer.state.timestamp.batch) == 0:
             trainer.eval()
         trainer.fit()
-    except DiskFullError as err:
+    except (DiskFullError, NoSpaceError) as err:  # a checkpoint, or HiFT's parked optimizer state
         print(f"error: {err}", file=sys.stderr)
         trainer.close()
         return 2

@@ -630,50 +630,59 @@ def build_trainer(config: TrainConfig, eval_only: bool = False) -> Trainer:
     device = "gpu" if on_gpu() else "cpu"
     dist.initialize_dist(device, config.dist_timeout)
     claim = prepare_run_folder(config.save_folder, config.run_name, config.autoresume, eval_only)
-    batch_size, microbatch_size = device_batch_sizes(config, dist.get_world_size(), on_gpu())
+    if eval_only and config.autoresume and claim.checkpoint is None and not config.load_path \
+            and not config.model.get("pretrained"):
+        claim.abandon()
+        raise ConfigError(f"autoresume: --eval-only found no checkpoint that loads in {config.save_folder}, and "
+                          "there is no load_path or model.pretrained; it would evaluate random weights")
+    try:  # a build that fails after the claim unlocks, and leaves no folder it created
+        batch_size, microbatch_size = device_batch_sizes(config, dist.get_world_size(), on_gpu())
 
-    train_loader = build_dataloader(config.train_loader, domains["train_loader"], batch_size)
-    evaluators = []
-    if config.eval_loader is not None:
-        eval_loader = build_dataloader(config.eval_loader, domains["eval_loader"], config.device_eval_batch_size,
-                                       for_eval=True)
-        evaluators.append(Evaluator(label="eval", dataloader=eval_loader))
-    reproducibility.seed_all(config.seed)  # the initial weights (and L0 masks) follow the yaml's seed
-    model = build_model(config, domains.get("eval_loader"))
-    callbacks.append(claim)  # holds the folder's lock while the Trainer lives
-    if config.save_folder and "://" not in config.save_folder and not eval_only:
-        callbacks.append(AtomicCheckpointSaver(config.save_folder, config.save_interval,
-                                               config.save_num_checkpoints_to_keep, config.save_overwrite))
-    trainer = Trainer(
-        run_name=config.run_name,
-        seed=config.seed,
-        model=model,
-        train_dataloader=train_loader,
-        eval_dataloader=evaluators or None,
-        eval_interval=config.eval_interval,
-        eval_subset_num_batches=config.eval_subset_num_batches,
-        optimizers=build_optimizer(config, model),
-        schedulers=build_scheduler(config),
-        algorithms=algorithms,
-        callbacks=callbacks,
-        loggers=loggers,
-        max_duration=config.max_duration,
-        precision=config.precision,
-        device=device,
-        device_train_microbatch_size=microbatch_size,
-        parallelism_config=parallelism,
-        save_folder=None if eval_only else config.save_folder,
-        save_interval=config.save_interval,
-        save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
-        save_overwrite=config.save_overwrite,
-        autoresume=config.autoresume and not eval_only,
-        load_path=(claim.checkpoint or config.load_path) if eval_only else config.load_path,
-        load_weights_only=config.load_weights_only,
-        progress_bar=config.progress_bar,
-        log_to_console=config.log_to_console,
-        console_log_interval=config.console_log_interval,
-        dist_timeout=config.dist_timeout,
-    )
+        train_loader = build_dataloader(config.train_loader, domains["train_loader"], batch_size)
+        evaluators = []
+        if config.eval_loader is not None:
+            eval_loader = build_dataloader(config.eval_loader, domains["eval_loader"], config.device_eval_batch_size,
+                                           for_eval=True)
+            evaluators.append(Evaluator(label="eval", dataloader=eval_loader))
+        reproducibility.seed_all(config.seed)  # the initial weights (and L0 masks) follow the yaml's seed
+        model = build_model(config, domains.get("eval_loader"))
+        callbacks.append(claim)  # holds the folder's lock while the Trainer lives
+        if config.save_folder and "://" not in config.save_folder and not eval_only:
+            callbacks.append(AtomicCheckpointSaver(config.save_folder, config.save_interval,
+                                                   config.save_num_checkpoints_to_keep, config.save_overwrite))
+        trainer = Trainer(
+            run_name=config.run_name,
+            seed=config.seed,
+            model=model,
+            train_dataloader=train_loader,
+            eval_dataloader=evaluators or None,
+            eval_interval=config.eval_interval,
+            eval_subset_num_batches=config.eval_subset_num_batches,
+            optimizers=build_optimizer(config, model),
+            schedulers=build_scheduler(config),
+            algorithms=algorithms,
+            callbacks=callbacks,
+            loggers=loggers,
+            max_duration=config.max_duration,
+            precision=config.precision,
+            device=device,
+            device_train_microbatch_size=microbatch_size,
+            parallelism_config=parallelism,
+            save_folder=None if eval_only else config.save_folder,
+            save_interval=config.save_interval,
+            save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
+            save_overwrite=config.save_overwrite,
+            autoresume=config.autoresume and not eval_only,
+            load_path=(claim.checkpoint or config.load_path) if eval_only else config.load_path,
+            load_weights_only=config.load_weights_only,
+            progress_bar=config.progress_bar,
+            log_to_console=config.log_to_console,
+            console_log_interval=config.console_log_interval,
+            dist_timeout=config.dist_timeout,
+        )
+    except BaseException:
+        claim.abandon()
+        raise
     average_gloo_fsdp2_gradients(trainer.state.model)  # the Trainer has applied FSDP by now
     if not eval_only:
         save_resolved_config(config)

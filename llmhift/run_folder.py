@@ -7,6 +7,7 @@ predecessor left behind, and two jobs pointed at one folder must never overwrite
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -197,8 +198,9 @@ def _try_lock(path: Path, create: bool) -> Optional[int]:
     return fd
 
 
-def lock_run_folder(folder: Path, fresh: bool = False) -> None:
-    """Takes the exclusive lock of ``folder`` for this process, writing its pid and host into it.
+def lock_run_folder(folder: Path, fresh: bool = False) -> bool:
+    """Takes the exclusive lock of ``folder`` for this process, writing its pid and host into it;
+    True when it had to create ``folder``.
 
     ``fresh``: refuse a folder that already holds anything (:func:`check_fresh`), before writing
     anything. The lock is ``flock`` on ``folder/run.lock``: the kernel drops it when the process ends,
@@ -212,9 +214,10 @@ def lock_run_folder(folder: Path, fresh: bool = False) -> None:
         if fresh:
             check_fresh(folder)
         _HELD[key][1] += 1
-        return
+        return False
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"save_folder: {folder} is a file; give a folder")
+    created = not folder.exists()
     fd = _try_lock(folder / RUN_LOCK, create=False) if folder.is_dir() else None
     try:
         if fresh:
@@ -231,6 +234,7 @@ def lock_run_folder(folder: Path, fresh: bool = False) -> None:
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     os.fsync(fd)
     _HELD[folder.resolve()] = [fd, 1]
+    return created
 
 
 def unlock_run_folder(folder: Path) -> None:
@@ -360,13 +364,24 @@ class RunFolderClaim(Callback):
         checkpoint: the checkpoint an evaluation-only run loads (the newest good one, with autoresume).
     """
 
-    def __init__(self, folder: Optional[Path], checkpoint: Optional[str]) -> None:
-        self.folder, self.checkpoint = folder, checkpoint
+    def __init__(self, folder: Optional[Path], checkpoint: Optional[str], created: bool = False) -> None:
+        self.folder, self.checkpoint, self.created = folder, checkpoint, created
 
     def post_close(self) -> None:
         if self.folder is not None:
             unlock_run_folder(self.folder)
             self.folder = None
+
+    def abandon(self) -> None:
+        """Unlocks after a build that failed before the Trainer existed, and removes the folder when
+        this run created it and wrote nothing but its lock: a refused run leaves no trace."""
+        folder, created = self.folder, self.created
+        self.post_close()
+        if folder is not None and created and folder.resolve() not in _HELD:
+            if [p.name for p in folder.iterdir()] == [RUN_LOCK]:
+                (folder / RUN_LOCK).unlink()
+                with contextlib.suppress(OSError):  # another process wrote into it meanwhile: keep it
+                    folder.rmdir()
 
 
 def prepare_run_folder(save_folder: Optional[str], run_name: Optional[str], autoresume: bool,
@@ -383,11 +398,11 @@ def prepare_run_folder(save_folder: Optional[str], run_name: Optional[str], auto
     not share) but moves nothing; with autoresume it evaluates the newest checkpoint that loads.
     """
     outcome: list[Any] = [("ok", None)]
-    folder = None
+    folder, created = None, False
     if dist.get_global_rank() == 0 and save_folder and "://" not in save_folder:
         folder = Path(format_name_with_dist(save_folder, run_name)).absolute()
         try:
-            lock_run_folder(folder, fresh=not (autoresume or eval_only))
+            created = lock_run_folder(folder, fresh=not (autoresume or eval_only))
         except RunFolderError as err:
             outcome[0], folder = ("error", str(err)), None
         if folder is not None and autoresume:
@@ -399,4 +414,4 @@ def prepare_run_folder(save_folder: Optional[str], run_name: Optional[str], auto
     kind, value = outcome[0]
     if kind == "error":
         raise RunFolderError(value)
-    return RunFolderClaim(folder, value)
+    return RunFolderClaim(folder, value, created)

@@ -183,3 +183,28 @@ def test_a_restart_of_a_finished_run_exits_0_without_training(demo_root, tmp_pat
     assert train.main(args) == 0
     assert "run already finished: 2ba of max_duration 2ba" in capsys.readouterr().out
     assert contents(folder) == before
+
+
+@pytest.mark.slow
+def test_a_callback_refusing_its_folder_is_one_line_and_leaves_no_save_folder(demo_root, tmp_path, capsys):
+    """HiFT's offload_dir inside the save folder is refused when the Trainer initialises its callbacks,
+    after the save folder was claimed: train.py prints one line, and the folder it created is gone."""
+    folder = tmp_path / "run"
+    args = [DEMO_YAML, *overrides(demo_root, folder, f"callbacks.hift.offload_dir={folder / 'parked'}")]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert errors(err) == [line for line in err.splitlines() if line.strip()] and len(errors(err)) == 1, err
+    assert "lies inside input" in err and "Traceback" not in err
+    assert not folder.exists()
+
+
+@pytest.mark.slow
+def test_eval_only_with_autoresume_and_no_checkpoint_is_refused(demo_root, tmp_path, capsys):
+    """Evaluating an empty run folder would measure random weights and report them as the run's."""
+    folder = tmp_path / "run"
+    args = [DEMO_YAML, "--eval-only", *overrides(demo_root, folder, "autoresume=true", "run_name=empty")]
+    args.remove("eval_loader=null")
+    assert train.main(args) == 2
+    (line,) = errors(capsys.readouterr().err)
+    assert "found no checkpoint that loads" in line
+    assert not folder.exists()
