@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -46,8 +45,8 @@ from llmhift.models.hf_causal_lm import ComposerHFCausalLM
 from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import ComposerLlama, LlamaConfig
 from llmhift.resolve import Resolution, resolve_hf_section, resolve_llama_section, resolve_model_section
-from llmhift.run_folder import AtomicCheckpointSaver, prepare_run_folder
-from llmhift.utils.checkpoints import is_sharded_checkpoint, load_checkpoint, read_llama_weights
+from llmhift.run_folder import AtomicCheckpointSaver, checkpoint_problem, prepare_run_folder
+from llmhift.utils.checkpoints import read_llama_weights
 
 __all__ = [
     "CALLBACKS",
@@ -546,15 +545,10 @@ def check_load_path(config: TrainConfig) -> None:
     path = Path(config.load_path)
     if not path.exists():
         raise ConfigError(f"load_path: {path} does not exist; give a Composer checkpoint (e.g. ep0-ba100-rank0.pt)")
-    if is_sharded_checkpoint(path):
-        return  # a folder is written .metadata last, so .metadata means every shard was written
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip whose directory comes last: a cut file has none
-        raise ConfigError(f"load_path: {path} is truncated or not a torch checkpoint (no zip directory at its end); "
-                          "point it at a complete checkpoint (an earlier ep*-ba*-rank0.pt)")
-    try:
-        load_checkpoint(path, memory_map=True)
-    except ConversionError as err:
-        raise ConfigError(f"load_path: {err}; point it at a complete checkpoint (an earlier ep*-ba*-rank0.pt)") from None
+    problem = checkpoint_problem(path)  # a cut file has no zip directory; a cut shard is shorter than .metadata says
+    if problem is not None:
+        raise ConfigError(f"load_path: {path} does not load ({problem}); point it at a complete checkpoint "
+                          "(an earlier ep*-ba*-rank0.pt or sharded ep*-ba* folder)")
 
 
 def _units_of(config: TrainConfig) -> list[tuple[str, list[str]]] | None:

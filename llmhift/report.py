@@ -21,6 +21,7 @@ __all__ = ["Series", "read_metrics", "read_metrics_skipping", "find_runs", "plot
 Series = dict[str, dict[int, float]]  # metric key -> {batch: value}
 EVAL_CE = "metrics/eval/LanguageCrossEntropy"
 DOMAIN_CE, DOMAIN_WEIGHT = "_LanguageCrossEntropy", "_weight"
+REPORT_TITLE = "# llmhift run report"
 COMMAND = "llmhift.report"  # the marker of a report folder: the only non-empty folder a report replaces
 
 
@@ -224,10 +225,13 @@ def _summary(name: str, series: Series, pngs: list[Path]) -> list[str]:
 
 
 def _old_report(folder: Path) -> bool:
-    """A report written before output markers: report.md and PNGs only, which proves its origin."""
+    """A report written before output markers: report.md under the report's own title, and PNGs only,
+    which proves its origin (a user's folder of figures with some other report.md is not one)."""
     files = list(folder.iterdir()) if folder.is_dir() else []
-    return any(f.name == "report.md" for f in files) and all(
-        f.is_file() and (f.name == "report.md" or f.suffix == ".png") for f in files)
+    report_md = folder / "report.md"
+    if not report_md.is_file() or not report_md.read_text(errors="replace").startswith(REPORT_TITLE):
+        return False
+    return all(f.is_file() and (f.name == "report.md" or f.suffix == ".png") for f in files)
 
 
 def write_report(root: str | Path, out: str | Path | None = None) -> Path:
@@ -243,7 +247,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     # Its own previous report is refreshed without a flag; anything else in `out` is refused.
     with atomic_directory(out, overwrite=True, command=COMMAND, inputs=runs.values(),
                           own=_old_report) as tmp:
-        lines = ["# llmhift run report", "", f"Runs under `{root}`, in the order they started.", ""]
+        lines = [REPORT_TITLE, "", f"Runs under `{root}`, in the order they started.", ""]
         for name, path in runs.items():
             series, skipped = read_metrics_skipping(path)
             summary = _summary(name, series, plot_run(name, series, tmp))

@@ -360,6 +360,11 @@ def stored_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return {**from_run, **from_converter}
 
 
+# What a model inherits from its source; the source's model and L0 configs, and which command wrote
+# it (a converter's output marker), describe the source alone.
+INHERITED = ("hf_config", "generation_config", "tokenizer_files")
+
+
 def source_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """What a model built from ``path`` (``model.pretrained``) inherits: an HF folder's ``hf_config``,
     ``generation_config`` and ``tokenizer_files``; a checkpoint's own stored ones, carried forward. The
@@ -375,7 +380,7 @@ def source_metadata(path: str | os.PathLike) -> dict[str, Any]:
         if files:
             meta["tokenizer_files"] = files
         return meta
-    return {k: v for k, v in stored_metadata(path).items() if k not in ("model_config", "l0_module")}
+    return {k: v for k, v in stored_metadata(path).items() if k in INHERITED}
 
 
 def _same(a: Any, b: Any) -> bool:
