@@ -1,7 +1,7 @@
 """A checkpoint knows what it is, and an export keeps what its source model had.
 
 The source is a real-shaped HF Llama saved by ``transformers`` (random weights): GQA 4 query / 2 KV
-heads, head_dim 32 with d_model 64, tied embeddings, rope_theta 1e5, max_position_embeddings 8192,
+heads, head_dim 32 with d_model 64, tied embeddings, rope_theta 1e5, llama3 rope scaling, max_position_embeddings 8192,
 its own bos / eos / pad ids, a generation_config.json whose EOS list holds one more id than
 config.json's (as Llama-3-Instruct's does), and the demo tokenizer. train.py trains from it on the demo
 data; every checkpoint it writes (file or sharded, resumed or not) carries the model config and the
@@ -31,10 +31,8 @@ from llmhift.utils.post_pruning_processing import main as post_pruning_main
 from llmhift.utils.post_pruning_processing import prune_and_save_model
 from tests.helpers import REPO_ROOT, launch_ranks, rank_logs
 
-# The source's shape in yaml terms: what train.py's model section must say until it reads config.json itself.
-SOURCE_SHAPE = ["model.d_model=64", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=32",
-                "model.intermediate_size=176", "model.rope_theta=100000.0", "model.rms_norm_eps=1.0e-5",
-                "model.tie_word_embeddings=true"]  # fmt: skip
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 1024}  # fmt: skip
 TARGET = {"d_model": 32, "n_heads": 2, "n_kv_heads": 1, "n_layers": 2, "intermediate_size": 88}
 # config.json's names of the fields pruning changes, and the target's value of each.
 PRUNED_FIELDS = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2,
@@ -63,7 +61,7 @@ def source(demo_root, tmp_path_factory):
     config = transformers.LlamaConfig(
         vocab_size=2048, hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, rope_theta=1e5, max_position_embeddings=8192,
-        rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=CONFIG_EOS, pad_token_id=PAD,
+        rms_norm_eps=1e-5, rope_scaling=LLAMA3_ROPE, bos_token_id=BOS, eos_token_id=CONFIG_EOS, pad_token_id=PAD,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(config).eval()
     first = greedy(model, max_new_tokens=1, eos_token_id=None)[0]
@@ -74,6 +72,24 @@ def source(demo_root, tmp_path_factory):
     for file in (demo_root / "tokenizer").iterdir():
         shutil.copy(file, folder / file.name)
     return folder, first
+
+
+@pytest.fixture(scope="module")
+def short_yamls(source, tmp_path_factory):
+    """The demo pretrain and prune yamls with the model section a user writes for a pretrained model:
+    the source folder (and the pruning target), no hand-copied architecture."""
+    hf_dir, _ = source
+    folder = tmp_path_factory.mktemp("yamls")
+    paths = {}
+    for name in ("pretrain", "prune"):
+        values = yaml.safe_load((REPO_ROOT / "yamls" / "demo" / f"{name}.yaml").read_text())
+        model = {"name": "llama", "pretrained": str(hf_dir)}
+        if "l0_module" in values["model"]:
+            model["l0_module"] = values["model"]["l0_module"]
+        values["model"] = model
+        paths[name] = folder / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(values))
+    return {name: str(path) for name, path in paths.items()}
 
 
 def read_json(path):
@@ -100,17 +116,15 @@ def assert_config_kept(exported, source_config, changed=None):
 
 
 @pytest.fixture(scope="module")
-def trained(source, demo_root, tmp_path_factory):
+def trained(short_yamls, demo_root, tmp_path_factory):
     """A 2-batch run from the source at lr 0 (its weights stay the source's, so its generations are the
     source's), then resumed for a third batch."""
-    hf_dir, _ = source
     save_folder = tmp_path_factory.mktemp("trained") / "ckpt"
-    common = [f"model.pretrained={hf_dir}", *SOURCE_SHAPE, "optimizer.lr=0.0", "eval_interval=1ba",
-              "save_interval=1ba", "autoresume=true", "run_name=from-hf"]  # fmt: skip
-    run_train("yamls/demo/pretrain.yaml", demo_root, save_folder, *common, "max_duration=2ba")
+    common = ["optimizer.lr=0.0", "eval_interval=1ba", "save_interval=1ba", "autoresume=true", "run_name=from-hf"]
+    run_train(short_yamls["pretrain"], demo_root, save_folder, *common, "max_duration=2ba")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_train("yamls/demo/pretrain.yaml", demo_root, save_folder, *common, "max_duration=3ba")
+        run_train(short_yamls["pretrain"], demo_root, save_folder, *common, "max_duration=3ba")
     # Composer warns "<qualname> is not in the state_dict" for a callback whose state a checkpoint lacks
     assert not [w for w in caught if METADATA_CALLBACK in str(w.message)]
     return save_folder
@@ -124,7 +138,7 @@ def test_every_checkpoint_carries_the_model_config_and_the_source(source, traine
     assert METADATA_CALLBACK in checkpoint["state"]["callbacks"]  # where Composer keeps callback state
     for path in (first, resumed):
         meta = stored_metadata(path)
-        assert meta["model_config"]["head_dim"] == 32 and meta["model_config"]["max_seq_len"] == 128
+        assert meta["model_config"]["head_dim"] == 32 and meta["model_config"]["max_seq_len"] == 8192  # the source's
         assert meta["hf_config"] == read_json(hf_dir / "config.json")
         assert meta["generation_config"] == read_json(hf_dir / "generation_config.json")
         assert meta["tokenizer_files"]["tokenizer.json"] == (hf_dir / "tokenizer.json").read_bytes()
@@ -147,12 +161,10 @@ def test_export_keeps_the_source_config_and_stops_at_its_eos(source, trained, tm
 
 
 @pytest.fixture(scope="module")
-def pruned_run(source, demo_root, tmp_path_factory):
-    hf_dir, _ = source
+def pruned_run(short_yamls, demo_root, tmp_path_factory):
     save_folder = tmp_path_factory.mktemp("pruned") / "ckpt"
     target = ", ".join(f"{k}: {v}" for k, v in TARGET.items())
-    run_train("yamls/demo/prune.yaml", demo_root, save_folder, f"model.pretrained={hf_dir}", *SOURCE_SHAPE,
-              f"model.l0_module.target_model={{{target}}}", "model.l0_module.lagrangian_warmup_steps=2ba",
+    run_train(short_yamls["prune"], demo_root, save_folder, f"model.l0_module.target_model={{{target}}}", "model.l0_module.lagrangian_warmup_steps=2ba",
               "max_duration=3ba", "eval_interval=3ba", "save_interval=3ba")  # fmt: skip
     return save_folder / "latest-rank0.pt"
 
@@ -210,7 +222,9 @@ def test_an_overwritten_config_yaml_is_refused_naming_the_fields(pruned_run, tmp
 def test_contradicting_config_argument_names_the_model_fields(pruned_run, tmp_path, capsys):
     run = {"model": {"name": "llama", "d_model": 96, "n_layers": 4, "head_dim": 32, "attn_impl": "eager"}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
-    assert post_pruning_main(["prune_and_save_model", str(pruned_run), f"config={tmp_path / 'run.yaml'}"]) == 2
+    # overwrite: an earlier test's pruned-* sits beside the checkpoint, and only the config may be refused here
+    assert post_pruning_main(["prune_and_save_model", str(pruned_run), f"config={tmp_path / 'run.yaml'}",
+                              "overwrite=true"]) == 2
     line, = capsys.readouterr().err.strip().splitlines()
     assert "model.d_model=96 (checkpoint: 64), model.n_layers=4 (checkpoint: 3)" in line
     assert "head_dim" not in line and "attn_impl" not in line  # agreeing and runtime-only fields are no contradiction
@@ -241,12 +255,12 @@ def test_callback_state_is_one_json_leaf_under_the_readers_name():
 
 
 @pytest.mark.slow
-def test_sharded_checkpoints_carry_it_through_a_resume(source, demo_root, tmp_path):
+def test_sharded_checkpoints_carry_it_through_a_resume(source, short_yamls, demo_root, tmp_path):
     """FSDP2 on 2 CPU ranks: sharded checkpoints carry the metadata, and a resumed run loads it (a sharded
     load fails on any key the checkpoint lacks) and passes it on; the export reads the sharded folder."""
     hf_dir, eos = source
-    args = ["yamls/demo/pretrain.yaml", f"variables.data_root={demo_root}", f"save_folder={tmp_path / 'ckpt'}",
-            f"model.pretrained={hf_dir}", *SOURCE_SHAPE, "optimizer.lr=0.0", "global_train_batch_size=4",
+    args = [short_yamls["pretrain"], f"variables.data_root={demo_root}", f"save_folder={tmp_path / 'ckpt'}",
+            "optimizer.lr=0.0", "global_train_batch_size=4",
             "device_train_microbatch_size=2", "eval_interval=1ba", "eval_subset_num_batches=1", "save_interval=1ba",
             "autoresume=true", "run_name=sharded", "progress_bar=false", "log_to_console=false",
             "fsdp_config={sharding_strategy: FULL_SHARD, state_dict_type: sharded}"]  # fmt: skip
