@@ -540,8 +540,8 @@ def check_load_path(config: TrainConfig) -> None:
     """A local ``load_path`` opens as a checkpoint (memory-mapped: its tensors are not read) before
     anything is built: a truncated file would otherwise fail inside ``Trainer()`` with a zip-reader
     traceback, after the model and data are loaded. Remote paths are Composer's to fetch."""
-    if not config.load_path or "://" in config.load_path:
-        return
+    if not config.load_path or "://" in config.load_path or dist.get_global_rank() != 0:
+        return  # rank 0 reads it for all (load_monolith_rank0_only); its refusal stops the launcher's ranks
     path = Path(config.load_path)
     if not path.exists():
         raise ConfigError(f"load_path: {path} does not exist; give a Composer checkpoint (e.g. ep0-ba100-rank0.pt)")

@@ -100,19 +100,20 @@ def test_hift_units_are_checked_before_the_model_is_built(demo_root, tmp_path, c
     # The demo llama's units: embedding (tied head), 4 blocks, final norm.
     cases = [("callbacks.hift={freeze_layers: [9]}", "unit indices [9] are out of range for 6 units"),
              ("callbacks.hift={freeze_layers: [0, 1, 2, 3, 4, -1]}", "leave no unit to cycle over"),
-             ("callbacks.hift={group_element: 6}", "group_element: 6 puts all 6 cycled units in one group")]
+             ("callbacks.hift={group_element: 7}", "group_element: 7 is larger than the 6 cycled units")]
     for extra, message in cases:
         assert train.main([DEMO_YAML, *overrides(demo_root, tmp_path / "ckpt", extra)]) == 2
         assert_one_error_line(capsys.readouterr().err, "callbacks.hift", message)
         assert not (tmp_path / "ckpt").exists()
 
 
-def test_hift_plan_refuses_a_single_group_and_keeps_the_rest():
+def test_hift_plan_refuses_a_group_larger_than_the_cycled_units_and_keeps_the_rest():
     units = [(f"u{i}", [f"p{i}"]) for i in range(4)]
     assert HiFTCallback(group_element=3).plan(units)[2] == [[0, 1, 2], [3]]
     assert HiFTCallback(group_element=2, freeze_layers=[0]).plan(units)[2] == [[1, 2], [3]]
-    with pytest.raises(ValueError, match="group_element: 3 puts all 3 cycled units"):
-        HiFTCallback(group_element=3, always_active=[-1]).plan(units)
+    assert HiFTCallback(group_element=3, always_active=[-1]).plan(units)[2] == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="group_element: 4 is larger than the 3 cycled units"):
+        HiFTCallback(group_element=4, always_active=[-1]).plan(units)
 
 
 def test_eta_of_the_wrong_type_names_the_key(demo_root, tmp_path, capsys):

@@ -199,8 +199,8 @@ class HiFTCallback(Callback):
         """(frozen, always-active, groups) unit indices for these units, or a ValueError naming the key.
 
         Public so that train.py can check a yaml against its model's units before anything heavy
-        starts. One group would train every cycled unit at every step: full fine-tuning under HiFT's
-        name, so it is refused rather than run."""
+        starts. A ``group_element`` above the number of cycled units asks for groups that cannot exist
+        (it would silently become full fine-tuning), so it is refused rather than run."""
         self.units = units
         frozen = self._indices("freeze_layers", self.freeze_layers)
         always = self._indices("always_active", self.always_active)
@@ -210,9 +210,9 @@ class HiFTCallback(Callback):
         if not cycled:
             raise ValueError(f"freeze_layers/always_active: leave no unit to cycle over among the {len(units)} units "
                              f"{[u for u, _ in units]}; free at least one")
-        if len(cycled) > 1 and self.group_element >= len(cycled):
-            raise ValueError(f"group_element: {self.group_element} puts all {len(cycled)} cycled units in one group, "
-                             f"which is full fine-tuning; use at most {len(cycled) - 1}")
+        if self.group_element > len(cycled):
+            raise ValueError(f"group_element: {self.group_element} is larger than the {len(cycled)} cycled units, "
+                             f"which would train them all at once (full fine-tuning); use at most {len(cycled)}")
         groups = [cycled[i : i + self.group_element] for i in range(0, len(cycled), self.group_element)]
         return frozen, always, groups
 
