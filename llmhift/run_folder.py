@@ -24,7 +24,7 @@ from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist, save_checkpoint
 
 from llmhift.config import ConfigError
-from llmhift.utils.atomic import is_no_space
+from llmhift.utils.atomic import fsync_folder, is_no_space
 from llmhift.utils.checkpoints import is_sharded_checkpoint, load_checkpoint
 
 __all__ = [
@@ -68,14 +68,6 @@ class RunFolderError(ConfigError):
 
 class DiskFullError(RuntimeError):
     """No space left while writing a checkpoint; the message is the one line the user sees."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -146,7 +138,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
+        fsync_folder(final.parent)
         if self.latest_filename is not None and self.num_checkpoints_to_keep != 0:
             _point_latest(Path(self.latest_filename.format(state)), final)
         self.saved_checkpoints.append(str(final))

@@ -7,7 +7,7 @@ folder) goes through this module, so one set of rules holds for all of them:
   resolved), before anything is written;
 - an existing output is replaced only when the same command wrote it: a folder carries a hidden
   :data:`MARKER_NAME` file naming its command, a single file is recognised by its writer (``own``);
-- everything is built beside the destination under a hidden temp name and renamed into place;
+- everything is built beside the destination under a hidden temp name, fsynced and renamed into place;
   a full disk (``ENOSPC``/``EDQUOT``) removes the temp output and raises :class:`NoSpaceError`,
   whose message is the one line the CLIs print;
 - files get the user's umask (safetensors writes 0600, which would lock a shared cluster out);
@@ -37,6 +37,7 @@ __all__ = [
     "check_destination",
     "check_inputs",
     "claim_directory",
+    "fsync_folder",
     "is_no_space",
     "written_by",
 ]
@@ -231,6 +232,25 @@ def _prepare(
     return out
 
 
+def _fsync(root: Path) -> None:
+    """Forces ``root`` (a file, or every file of a folder) to disk before its rename publishes it: a
+    rename can reach the disk before the data it names, so a power loss could leave a complete-looking
+    output of empty files."""
+    for path in [root] if root.is_file() else sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def fsync_folder(folder: Path) -> None:
+    """Makes a rename inside ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -267,6 +287,7 @@ def atomic_directory(
         if command is not None:
             (tmp / MARKER_NAME).write_text(json.dumps({"command": command}) + "\n")
         _apply_umask(tmp)
+        _fsync(tmp)
         check_destination(out, overwrite, command, own)
         old = None
         if out.exists():
@@ -280,6 +301,7 @@ def atomic_directory(
             if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise FileExistsError(f"{out} was filled by another process meanwhile") from err
             raise
+        fsync_folder(out.parent)
         if old is not None:
             _remove(old)
     except BaseException as err:
@@ -310,8 +332,10 @@ def atomic_file(
     try:
         yield tmp
         _apply_umask(tmp)
+        _fsync(tmp)
         check_destination(out, overwrite, command, own)
         os.replace(tmp, out)
+        fsync_folder(out.parent)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if is_no_space(err):
