@@ -35,7 +35,7 @@ setup(
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={
-        "console_scripts": ["llmhift-composer-to-hf=llmhift.utils.composer_to_hf:main"],
+        "console_scripts": ["llmhift-composer-to-hf=llmhift.convert.composer_to_hf:main"],
         # llm-foundry's registry reads this group: `callbacks: {pruning: ...}` in an llm-foundry yaml
         # finds llmhift's callbacks with llmhift installed, and llmhift never imports llm-foundry.
         "llmfoundry_callbacks": [

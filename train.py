@@ -20,7 +20,11 @@ from composer.core import Time
 from composer.utils import dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from llmhift.builders import (
+from llmhift.atomic import NoSpaceError, OutputError
+from llmhift.build.config import ConfigError, TrainConfig, device_batch_sizes, load_config
+from llmhift.build.memory import ModelShape, default_world_size, estimate_run
+from llmhift.build.resolve import SHAPE_FIELDS, Resolution
+from llmhift.build.trainer import (
     build_algorithms,
     build_callbacks,
     build_loggers,
@@ -33,12 +37,8 @@ from llmhift.builders import (
     check_tokenizer,
     resolve_model,
 )
-from llmhift.config import ConfigError, TrainConfig, device_batch_sizes, load_config
-from llmhift.memory_estimate import ModelShape, default_world_size, estimate_run
+from llmhift.checkpoint.run_folder import LATEST_NAME, DiskFullError
 from llmhift.models.l0_module import count_params
-from llmhift.resolve import SHAPE_FIELDS, Resolution
-from llmhift.run_folder import LATEST_NAME, DiskFullError
-from llmhift.utils.atomic import NoSpaceError, OutputError
 
 
 def _count(params) -> int:

@@ -15,8 +15,8 @@ import json
 import statistics
 
 import torch
-from timing import wall_seconds  # bench/timing.py: scripts here run with bench/ on sys.path
 import transformers
+from timing import wall_seconds  # bench/timing.py: scripts here run with bench/ on sys.path
 
 from llmhift.models.hf_adapter import hf_to_llmhift_state_dict, llama_config_from_hf
 from llmhift.models.llama import ComposerLlama

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from llmhift.utils.atomic import OutputError, atomic_directory  # noqa: E402
+from llmhift.atomic import OutputError, atomic_directory  # noqa: E402
 
 __all__ = ["Series", "read_metrics", "read_metrics_skipping", "find_runs", "plot_run", "write_report", "main"]
 

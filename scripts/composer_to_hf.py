@@ -1,8 +1,8 @@
-"""Thin wrapper: same arguments as ``python -m llmhift.utils.composer_to_hf``."""
+"""Thin wrapper: same arguments as ``python -m llmhift.convert.composer_to_hf``."""
 
 import sys
 
-from llmhift.utils.composer_to_hf import main
+from llmhift.convert.composer_to_hf import main
 
 if __name__ == "__main__":
     sys.exit(main())

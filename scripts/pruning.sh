@@ -19,5 +19,5 @@ SAVE=${SAVE_FOLDER:-ckpt/${RUN_NAME}}
 "$COMPOSER" -n "$NPROC" train.py "$YAML" variables.source_model="$SOURCE" variables.data_root="$DATA" \
     variables.run_name="$RUN_NAME" save_folder="$SAVE" "$@"
 if [ "${NODE_RANK:-0}" = 0 ]; then
-    "$PYTHON" -m llmhift.utils.post_pruning_processing prune_and_save_model "$SAVE/latest-rank0.pt"
+    "$PYTHON" -m llmhift.convert.post_pruning prune_and_save_model "$SAVE/latest-rank0.pt"
 fi

@@ -77,7 +77,7 @@ def test_bad_setting_is_one_line_before_anything_is_written(extra, key, fix, tmp
 
 
 def test_a_warmup_in_the_runs_own_unit_or_as_a_fraction_is_accepted(tmp_path):
-    from llmhift.config import load_config
+    from llmhift.build.config import load_config
 
     for warmup in ("100tok", "0.1dur"):
         config = load_config(DEMO_YAML, overrides(tmp_path, tmp_path, "max_duration=1000tok",
@@ -171,7 +171,7 @@ def test_truncated_pytorch_model_bin_is_one_line_for_train_and_converter(truncat
     assert_one_error_line(capsys.readouterr().err, "model.pretrained",
                           f"{truncated_bin_model / 'pytorch_model.bin'} is not a readable torch weights file")
     assert not (tmp_path / "ckpt").exists()
-    result = run_cli("-m", "llmhift.utils.composer_to_hf", "save_hf_to_composer", str(truncated_bin_model),
+    result = run_cli("-m", "llmhift.convert.composer_to_hf", "save_hf_to_composer", str(truncated_bin_model),
                      str(tmp_path / "out.pt"))
     assert result.returncode == 2, result.stderr
     assert_one_error_line(result.stderr, "pytorch_model.bin is not a readable torch weights file")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from composer.loggers import Logger
 
-from llmhift.builders import CALLBACKS, build_trainer
+from llmhift.build.config import load_config
+from llmhift.build.trainer import CALLBACKS, build_trainer
 from llmhift.callbacks import CheckpointMetadataCallback, DynamicLoadingCallback, HiFTCallback, PruningCallback
-from llmhift.config import load_config
 from llmhift.datasets.demo_data import ensure_demo_data
 
 # Callbacks train.py adds to every run, whatever the yaml names.

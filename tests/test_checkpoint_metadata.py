@@ -23,12 +23,12 @@ from safetensors.torch import load_file
 
 import train
 from llmhift.callbacks import CheckpointMetadataCallback
+from llmhift.checkpoint.io import METADATA_CALLBACK, stored_metadata
+from llmhift.convert.composer_to_hf import main as composer_to_hf_main
+from llmhift.convert.composer_to_hf import save_composer_to_hf
+from llmhift.convert.post_pruning import main as post_pruning_main
+from llmhift.convert.post_pruning import prune_and_save_model
 from llmhift.datasets.demo_data import ensure_demo_data
-from llmhift.utils.checkpoints import METADATA_CALLBACK, stored_metadata
-from llmhift.utils.composer_to_hf import main as composer_to_hf_main
-from llmhift.utils.composer_to_hf import save_composer_to_hf
-from llmhift.utils.post_pruning_processing import main as post_pruning_main
-from llmhift.utils.post_pruning_processing import prune_and_save_model
 from tests.helpers import REPO_ROOT, launch_ranks, rank_logs
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -181,7 +181,7 @@ def test_prune_and_export_keep_the_source_config_but_the_pruned_fields(source, p
 
 
 def prune_cli(*args):
-    return subprocess.run([sys.executable, "-m", "llmhift.utils.post_pruning_processing", "prune_and_save_model",
+    return subprocess.run([sys.executable, "-m", "llmhift.convert.post_pruning", "prune_and_save_model",
                            *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT)  # fmt: skip
 
 

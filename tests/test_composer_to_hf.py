@@ -12,12 +12,12 @@ import transformers
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from llmhift.convert import composer_to_hf
+from llmhift.convert.compare_logits import main as equivalence_main
+from llmhift.convert.compare_logits import max_logit_difference
+from llmhift.convert.composer_to_hf import load_llama_checkpoint, save_composer_to_hf, save_hf_to_composer
 from llmhift.models.hf_adapter import ConversionError, llama_config_from_hf
 from llmhift.models.llama import ComposerLlama
-from llmhift.utils import composer_to_hf
-from llmhift.utils.composer_to_hf import load_llama_checkpoint, save_composer_to_hf, save_hf_to_composer
-from llmhift.utils.test_composer_hf_eq import main as equivalence_main
-from llmhift.utils.test_composer_hf_eq import max_logit_difference
 from tests.test_llama import LLAMA31_SCALING, tiny_hf_llama
 
 # Fields of config.json a round trip must keep exactly.
@@ -92,7 +92,7 @@ def test_equivalence_module_entry_point(tmp_path):
     hf_dir = tmp_path / "hf"
     tiny_hf_llama().save_pretrained(hf_dir)
     composer_pt = save_hf_to_composer(hf_dir, tmp_path / "model.pt")
-    result = subprocess.run([sys.executable, "-m", "llmhift.utils.test_composer_hf_eq", str(hf_dir), str(composer_pt)],
+    result = subprocess.run([sys.executable, "-m", "llmhift.convert.compare_logits", str(hf_dir), str(composer_pt)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert ": OK" in result.stdout
@@ -133,7 +133,7 @@ def run_cli(*args):
 
 
 def test_module_entry_point(checkpoint, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "llmhift.utils.composer_to_hf", "save_composer_to_hf",
+    result = subprocess.run([sys.executable, "-m", "llmhift.convert.composer_to_hf", "save_composer_to_hf",
                              str(checkpoint), str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
@@ -225,17 +225,17 @@ def test_interrupted_write_leaves_nothing(checkpoint, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("llmhift.utils.composer_to_hf.write_hf_weights", crash)
+    monkeypatch.setattr("llmhift.convert.composer_to_hf.write_hf_weights", crash)
     with pytest.raises(KeyboardInterrupt):
         save_composer_to_hf(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_sharded_output_reloads(checkpoint, tmp_path, monkeypatch):
-    from llmhift.utils import checkpoints
+    from llmhift.checkpoint import io as checkpoints
 
     original = checkpoints.write_hf_weights
-    monkeypatch.setattr("llmhift.utils.composer_to_hf.write_hf_weights",
+    monkeypatch.setattr("llmhift.convert.composer_to_hf.write_hf_weights",
                         lambda weights, out: original(weights, out, max_shard_bytes=60_000))
     out = save_composer_to_hf(checkpoint, tmp_path / "sharded")
     index = json.loads((out / "model.safetensors.index.json").read_text())

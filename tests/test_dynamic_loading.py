@@ -18,9 +18,9 @@ from composer import Callback
 from composer.utils import reproducibility
 
 import train
-from llmhift.builders import build_trainer
+from llmhift.build.config import load_config
+from llmhift.build.trainer import build_trainer
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback, doremi_update
-from llmhift.config import load_config
 from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset
 from tests.helpers import CrashAt

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import train
+from llmhift.checkpoint.run_folder import INCOMPLETE, RUN_LOCK
 from llmhift.datasets.demo_data import ensure_demo_data
-from llmhift.run_folder import INCOMPLETE, RUN_LOCK
 from tests.helpers import REPO_ROOT
 
 DEMO_YAML = "yamls/demo/pretrain.yaml"

@@ -31,10 +31,11 @@ import torch
 from safetensors import SafetensorError
 
 from llmhift import report
+from llmhift.atomic import MARKER_NAME, NoSpaceError, OutputError, atomic_directory
 from llmhift.callbacks.hift import HiFTCallback
+from llmhift.convert import composer_to_hf
+from llmhift.convert import post_pruning as post_pruning_processing
 from llmhift.datasets import demo_data, prepare
-from llmhift.utils import composer_to_hf, post_pruning_processing
-from llmhift.utils.atomic import MARKER_NAME, NoSpaceError, OutputError, atomic_directory
 from tests.helpers import REPO_ROOT
 from tests.test_composer_to_hf import save_tokenizer
 from tests.test_hift import make_trainer
@@ -44,8 +45,8 @@ from tests.test_pruning_equivalence import pruning_checkpoint
 MODULES = {
     prepare.main: "llmhift.datasets.prepare",
     demo_data.main: "llmhift.datasets.demo_data",
-    composer_to_hf.main: "llmhift.utils.composer_to_hf",
-    post_pruning_processing.main: "llmhift.utils.post_pruning_processing",
+    composer_to_hf.main: "llmhift.convert.composer_to_hf",
+    post_pruning_processing.main: "llmhift.convert.post_pruning",
     report.main: "llmhift.report",
 }
 PRUNE_TARGET = {"d_model": 24, "n_kv_heads": 2, "n_layers": 3, "intermediate_size": 20}
@@ -359,7 +360,7 @@ def full_disk(monkeypatch, tmp_path):
 
     monkeypatch.setattr("builtins.open", open_)
     monkeypatch.setattr("io.open", open_)
-    monkeypatch.setattr("llmhift.utils.checkpoints.save_file", save_file)
+    monkeypatch.setattr("llmhift.checkpoint.io.save_file", save_file)
     return tmp_path
 
 
@@ -406,7 +407,7 @@ def test_enospc_while_overwriting_keeps_the_previous_output(fx, tmp_path, monkey
     def save_file(tensors, filename, metadata=None):  # what safetensors raises on a full disk
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr("llmhift.utils.checkpoints.save_file", save_file)
+    monkeypatch.setattr("llmhift.checkpoint.io.save_file", save_file)
     assert_error(run(composer_to_hf.main, "save_composer_to_hf", latest, out, "overwrite=true", "dtype=fp16"),
                  f"no space left on device writing {out}")
     assert tree_hash(out) == before and leftovers(tmp_path) == []

@@ -8,8 +8,8 @@ import warnings
 import pytest
 from composer.utils import FSDP2Config
 
-from llmhift.builders import parallelism_config
-from llmhift.config import ConfigError, load_config
+from llmhift.build.config import ConfigError, load_config
+from llmhift.build.parallel import parallelism_config
 
 SHARDED_YAMLS = [
     "yamls/pruning/llama2_7b_to_1.3b.yaml",

@@ -120,7 +120,7 @@ def test_same_samples_in_the_same_order_as_single_process(runs):
 
 @pytest.mark.slow
 def test_same_proportions_as_single_process(runs):
-    from llmhift.utils.checkpoints import load_checkpoint
+    from llmhift.checkpoint.io import load_checkpoint
 
     tmp, _ = runs
     weights = {name: _logged(tmp / name / "metrics.jsonl", lambda d: f"metrics/train/{d}_weight")
@@ -158,7 +158,7 @@ def test_same_optimizer_moments_as_single_process(runs):
     """The sharded checkpoint's AdamW moments, gathered, are the single process's: the ranks averaged
     their gradients (a sum would double exp_avg and quadruple exp_avg_sq)."""
 
-    from llmhift.utils.checkpoints import load_checkpoint
+    from llmhift.checkpoint.io import load_checkpoint
 
     tmp, _ = runs
     moments = {name: load_checkpoint(tmp / name / "latest-rank0.pt")["state"]["optimizers"]["DecoupledAdamW"]["state"]
@@ -177,7 +177,7 @@ def test_same_hf_logits_as_single_process(runs):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmhift.utils.composer_to_hf import save_composer_to_hf
+    from llmhift.convert.composer_to_hf import save_composer_to_hf
 
     tmp, _ = runs
     input_ids = torch.arange(2 * 64).reshape(2, 64) * 7 % 2048  # (2, 64) tokens of the demo vocabulary

@@ -19,7 +19,7 @@ micro-batch), a difference of Composer's accumulation, not of FSDP. ``optimizer.
 the default 1e-8, Adam's first update of a unit is lr * sign(g), so gradient entries at rounding level
 flip by 2 * lr between two orders of summation; with 1e-3 the update is a smooth function of the
 gradient (gain at most lr / eps = 3) and a lost moment still moves a weight by ~1e-3. Without the
-gloo fix in ``llmhift.builders`` (torch 2.7's gloo reduce-scatter sums where FSDP2 asks for an average,
+gloo fix in ``llmhift.build.trainer`` (torch 2.7's gloo reduce-scatter sums where FSDP2 asks for an average,
 pytorch/pytorch#162338) the FSDP run would step with twice the gradient.
 
 Float tolerances: both runs do the same fp32 arithmetic in a different order (gradients averaged over
@@ -143,7 +143,7 @@ def test_resumed_from_the_sharded_checkpoint_and_each_step_trained_its_unit(runs
 def test_parked_optimizer_state_is_read_back_exactly(runs):
     import torch
 
-    from llmhift.utils.checkpoints import load_checkpoint
+    from llmhift.checkpoint.io import load_checkpoint
 
     tmp = runs
     saved = load_checkpoint(tmp / "fsdp" / f"ep0-ba{STOP}")["state"]["callbacks"]["HiFTCallback"]["optimizer_state"]
@@ -160,7 +160,7 @@ def test_parked_optimizer_state_is_read_back_exactly(runs):
 def test_same_weights_and_optimizer_state_as_single_process(runs):
     import torch
 
-    from llmhift.utils.checkpoints import load_checkpoint
+    from llmhift.checkpoint.io import load_checkpoint
 
     tmp = runs
     fsdp, single = (load_checkpoint(tmp / name / "latest-rank0.pt")["state"] for name in ("fsdp", "single"))
@@ -180,7 +180,7 @@ def test_same_hf_logits_as_single_process(runs):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmhift.utils.composer_to_hf import save_composer_to_hf
+    from llmhift.convert.composer_to_hf import save_composer_to_hf
 
     tmp = runs
     input_ids = torch.arange(2 * 64).reshape(2, 64) * 7 % 2048  # (2, 64) tokens of the demo vocabulary

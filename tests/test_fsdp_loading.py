@@ -55,9 +55,9 @@ def runs(tmp_path_factory):
     import torch
     import transformers
 
+    from llmhift.convert.composer_to_hf import save_hf_to_composer
     from llmhift.datasets.demo_data import ensure_demo_data
     from llmhift.models.hf_adapter import hf_to_llmhift_state_dict
-    from llmhift.utils.composer_to_hf import save_hf_to_composer
     from tests.helpers import launch_ranks  # here: this file also runs as a rank's script
 
     tmp = tmp_path_factory.mktemp("fsdp_loading")
@@ -123,8 +123,8 @@ def test_safetensors_reader_matches_the_library_and_names_a_broken_file(tmp_path
     import torch
     from safetensors.torch import load_file, save_file
 
+    from llmhift.checkpoint.io import map_safetensors
     from llmhift.models.hf_adapter import ConversionError
-    from llmhift.utils.checkpoints import map_safetensors
 
     tensors = {
         "w": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "ids": torch.arange(5),

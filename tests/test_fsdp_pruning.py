@@ -126,9 +126,9 @@ def test_pruned_sharded_checkpoint_converts_to_the_single_process_model(runs):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmhift.utils.checkpoints import load_checkpoint, model_state_dict
-    from llmhift.utils.composer_to_hf import save_composer_to_hf
-    from llmhift.utils.post_pruning_processing import prune_and_save_model
+    from llmhift.checkpoint.io import load_checkpoint, model_state_dict
+    from llmhift.convert.composer_to_hf import save_composer_to_hf
+    from llmhift.convert.post_pruning import prune_and_save_model
 
     tmp, _ = runs
     l0 = [{k: v for k, v in model_state_dict(load_checkpoint(tmp / name / "latest-rank0.pt")).items()

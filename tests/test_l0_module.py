@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from llmhift.builders import build_optimizer
-from llmhift.config import config_from_dict
+from llmhift.build.config import config_from_dict
+from llmhift.build.trainer import build_optimizer
 from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import ComposerLlama, LlamaConfig, LlamaModel
 
@@ -156,8 +156,8 @@ def test_optimizer_groups_model_masks_and_ascending_lambdas():
 
 
 def test_lag_lr_and_the_callback_are_required():
-    from llmhift.builders import build_l0_module
-    from llmhift.config import ConfigError
+    from llmhift.build.config import ConfigError
+    from llmhift.build.trainer import build_l0_module
 
     with pytest.raises(ConfigError, match="optimizer.lag_lr: required"):
         build_l0_module(pruning_config())

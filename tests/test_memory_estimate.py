@@ -13,15 +13,16 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import BloomConfig, GPT2Config, OPTConfig
 
 import train
-from llmhift.builders import OPTIMIZERS, build_callbacks, build_model, build_optimizer, parallelism_config
-from llmhift.config import ConfigError, config_from_dict
-from llmhift.memory_estimate import (
+from llmhift.build.config import ConfigError, config_from_dict
+from llmhift.build.memory import (
     OPTIMIZER_MOMENTS,
     ModelShape,
     activation_bytes,
     estimate_run,
     state_bytes,
 )
+from llmhift.build.parallel import parallelism_config
+from llmhift.build.trainer import OPTIMIZERS, build_callbacks, build_model, build_optimizer
 from tests.helpers import config_only_model
 
 TINY = dict(name="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,

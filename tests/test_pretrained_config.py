@@ -19,10 +19,10 @@ import torch.nn.functional as F
 import yaml
 
 import train
-from llmhift.builders import build_model, build_trainer
-from llmhift.config import load_config
+from llmhift.build.config import load_config
+from llmhift.build.trainer import build_model, build_trainer
+from llmhift.convert.composer_to_hf import save_hf_to_composer
 from llmhift.datasets.demo_data import ensure_demo_data
-from llmhift.utils.composer_to_hf import save_hf_to_composer
 from tests.helpers import LLAMA3_8B_CONFIG, REPO_ROOT, config_only_model
 
 HF_CONFIG = dict(

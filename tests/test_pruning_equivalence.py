@@ -7,11 +7,11 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from llmhift.convert.composer_to_hf import save_composer_to_hf
+from llmhift.convert.post_pruning import main, prune_and_save_model, prune_llama_weights
 from llmhift.models.hf_adapter import ConversionError
 from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import MASK_NAMES, ComposerLlama, LlamaConfig
-from llmhift.utils.composer_to_hf import save_composer_to_hf
-from llmhift.utils.post_pruning_processing import main, prune_and_save_model, prune_llama_weights
 
 L, H, D, I, V = 4, 4, 32, 48, 64
 

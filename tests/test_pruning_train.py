@@ -8,11 +8,11 @@ from composer import Callback
 from transformers import AutoModelForCausalLM
 
 import train
-from llmhift.builders import build_model, build_trainer
-from llmhift.config import load_config
+from llmhift.build.config import load_config
+from llmhift.build.trainer import build_model, build_trainer
+from llmhift.convert.composer_to_hf import save_composer_to_hf
+from llmhift.convert.post_pruning import prune_and_save_model
 from llmhift.datasets.demo_data import ensure_demo_data
-from llmhift.utils.composer_to_hf import save_composer_to_hf
-from llmhift.utils.post_pruning_processing import prune_and_save_model
 from tests.helpers import CrashAt, config_only_model
 
 DEMO_PRUNE = "yamls/demo/prune.yaml"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmhift.config import ConfigError
-from llmhift.builders import LOGGERS, _build_named
+from llmhift.build.config import ConfigError
+from llmhift.build.trainer import LOGGERS, _build_named
 from llmhift.loggers import JsonlLogger
 from llmhift.report import main, read_metrics
 

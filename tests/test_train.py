@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import train
-from llmhift.builders import build_trainer
-from llmhift.config import load_config
+from llmhift.build.config import load_config
+from llmhift.build.trainer import build_trainer
 from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.models.llama import ComposerLlama
 
@@ -49,7 +49,7 @@ def test_cli_runs_and_writes_a_convertible_checkpoint(demo_root, tmp_path, capsy
                                        "save_interval=2ba")]
     assert train.main(args) == 0
     assert "latest-rank0.pt" in capsys.readouterr().out
-    from llmhift.utils.composer_to_hf import save_composer_to_hf
+    from llmhift.convert.composer_to_hf import save_composer_to_hf
 
     out = save_composer_to_hf(tmp_path / "ckpt" / "latest-rank0.pt", tmp_path / "hf")  # shapes from config.yaml
     assert (out / "tokenizer.json").is_file()
@@ -117,9 +117,9 @@ def test_missing_yaml_and_malformed_override(capsys):
 def test_pretrained_weights_load_from_hf_or_composer(source, demo_root, tmp_path):
     import transformers
 
-    from llmhift.builders import build_model
+    from llmhift.build.trainer import build_model
+    from llmhift.convert.composer_to_hf import save_hf_to_composer
     from llmhift.models.hf_adapter import hf_to_llmhift_state_dict
-    from llmhift.utils.composer_to_hf import save_hf_to_composer
 
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,

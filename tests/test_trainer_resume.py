@@ -7,8 +7,8 @@ from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset
 
+from llmhift.convert.composer_to_hf import save_composer_to_hf
 from llmhift.models.llama import ComposerLlama
-from llmhift.utils.composer_to_hf import save_composer_to_hf
 from tests.helpers import CrashAt
 
 MODEL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=16)

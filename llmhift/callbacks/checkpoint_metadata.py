@@ -8,16 +8,16 @@ from typing import Any
 from composer import Callback, Logger, State
 from composer.utils import dist
 
-from llmhift.models.hf_adapter import ConversionError
-from llmhift.models.l0_module import TARGET_KEYS, L0Module
-from llmhift.models.llama import ComposerLlama
-from llmhift.utils.checkpoints import (
+from llmhift.checkpoint.io import (
     METADATA_CALLBACK,
     metadata_from_state,
     metadata_state,
     source_metadata,
     tokenizer_files,
 )
+from llmhift.models.hf_adapter import ConversionError
+from llmhift.models.l0_module import TARGET_KEYS, L0Module
+from llmhift.models.llama import ComposerLlama
 
 __all__ = ["CheckpointMetadataCallback", "l0_module_config"]
 
@@ -44,7 +44,7 @@ class CheckpointMetadataCallback(Callback):
     its ``config.json`` (``max_position_embeddings``, special token ids, rope settings),
     ``generation_config.json`` and tokenizer files. The metadata is this callback's ``state_dict()``,
     which Composer writes into file and sharded checkpoints alike (``state.callbacks``, under the name
-    ``llmhift.utils.checkpoints.METADATA_CALLBACK``); ``llmhift.utils.checkpoints.stored_metadata(path)``
+    ``llmhift.checkpoint.io.METADATA_CALLBACK``); ``llmhift.checkpoint.io.stored_metadata(path)``
     reads it back. It is collected at INIT: the model's config (``ComposerLlama``: ``config.to_dict()``,
     and the ``L0Module``'s arguments when pruning) and, with ``source``, the source's metadata (an HF
     folder's files, or what a Composer checkpoint or ``pruned-*.pt`` itself carries, passed on). Rank 0

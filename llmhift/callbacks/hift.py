@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
-from llmhift.utils.atomic import NoSpaceError, check_inputs, claim_directory, is_no_space
+from llmhift.atomic import NoSpaceError, check_inputs, claim_directory, is_no_space
 
 __all__ = ["HiFTCallback"]
 

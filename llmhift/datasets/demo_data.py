@@ -48,8 +48,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from llmhift.atomic import atomic_directory
 from llmhift.datasets.prepare import MANIFEST_NAME, SPLITS, prepare_dataset
-from llmhift.utils.atomic import atomic_directory
 
 __all__ = ["DOMAINS", "EOS_TOKEN", "MARKER_NAME", "build_demo_data", "ensure_demo_data", "main", "train_tokenizer"]
 

@@ -42,8 +42,8 @@ from jinja2 import TemplateError
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from llmhift.atomic import atomic_directory
 from llmhift.models.causal_lm import IGNORE_INDEX
-from llmhift.utils.atomic import atomic_directory
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",

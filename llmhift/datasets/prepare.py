@@ -32,7 +32,7 @@ Packing: every document's tokens followed by the tokenizer's EOS id, concatenate
 cut into samples of exactly ``L`` tokens; the incomplete tail of each split/domain is dropped.
 Splitting is by document, by a seeded permutation per domain, so train and eval never share a
 document and the same inputs and seed give byte-identical shards. The whole set is written into a
-temp folder beside ``out`` and renamed into place when complete (:mod:`llmhift.utils.atomic`). An
+temp folder beside ``out`` and renamed into place when complete (:mod:`llmhift.atomic`). An
 ``out`` that is, contains or lies inside an input is refused, and ``--overwrite`` replaces only a
 previous output of this command (its hidden marker file), never a folder it did not write.
 """
@@ -57,7 +57,7 @@ from streaming.base.format import reader_from_json
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llmhift.utils.atomic import atomic_directory, check_destination, check_inputs
+from llmhift.atomic import atomic_directory, check_destination, check_inputs
 
 __all__ = [
     "MANIFEST_NAME",

@@ -1,1 +1,1 @@
-"""Command-line utilities: checkpoint converters and equivalence checks."""
+"""Old home of the converters (now ``llmhift.convert``): its modules keep the documented commands working."""

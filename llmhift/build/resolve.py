@@ -19,10 +19,10 @@ from typing import Any, Mapping
 
 from transformers import AutoConfig
 
-from llmhift.config import ConfigError
+from llmhift.build.config import ConfigError
 from llmhift.models.hf_adapter import ConversionError, llama_config_from_hf
 from llmhift.models.llama import LlamaConfig
-from llmhift.utils.checkpoints import is_sharded_checkpoint, stored_metadata
+from llmhift.checkpoint.io import is_sharded_checkpoint, stored_metadata
 
 __all__ = [
     "CHOICE_FIELDS",

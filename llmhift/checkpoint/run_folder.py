@@ -23,9 +23,9 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist, save_checkpoint
 
-from llmhift.config import ConfigError
-from llmhift.utils.atomic import fsync_folder, is_no_space
-from llmhift.utils.checkpoints import is_sharded_checkpoint, load_checkpoint
+from llmhift.atomic import fsync_folder, is_no_space
+from llmhift.checkpoint.io import is_sharded_checkpoint, load_checkpoint
+from llmhift.errors import ConfigError
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -79,7 +79,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
     mid-write thus leaves a truncated file that autoresume loads, or that ``fit_start``'s
     conflicting-file check refuses forever. This saver writes the file under a hidden temp name beside
     its own, fsyncs it, renames it into place, fsyncs the folder, and swaps the link atomically (a new
-    link renamed over the old). (Not :func:`llmhift.utils.atomic.atomic_file`: its temp names end in a
+    link renamed over the old). (Not :func:`llmhift.atomic.atomic_file`: its temp names end in a
     random tag, and Composer chooses compression from a checkpoint name's extension.)
 
     Why a subclass and not something else: the Trainer takes a ``CheckpointSaver`` given among its

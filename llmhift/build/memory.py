@@ -12,7 +12,7 @@ Where the bytes go (per GPU, W ranks):
 * gradients: one fp32 gradient per trained parameter (FSDP's sharded gradient is fp32 too).
 * optimizer: AdamW and DecoupledAdamW keep two fp32 moments per trained parameter and one fp32
   step counter per parameter tensor.
-* FSDP2 (train.py's default, :func:`llmhift.builders.fsdp_version`) divides weights, gradients and
+* FSDP2 (train.py's default, :func:`llmhift.build.parallel.fsdp_version`) divides weights, gradients and
   optimizer state by W whatever the ``sharding_strategy``: ``SHARD_GRAD_OP`` (``reshard_after_forward:
   false``) only keeps each block's gathered weights from forward to backward (more ``working``).
   Under FSDP1 (``FSDP_VERSION=1``) ``FULL_SHARD`` divides all three, ``SHARD_GRAD_OP`` gradients and
@@ -43,7 +43,8 @@ from composer import Logger, State
 from composer.devices import DeviceCPU
 from torch import nn
 
-from llmhift.builders import RESHARD_AFTER_FORWARD, build_callbacks, fsdp_version, parallelism_config
+from llmhift.build.parallel import RESHARD_AFTER_FORWARD, fsdp_version, parallelism_config
+from llmhift.build.trainer import build_callbacks
 from llmhift.callbacks.hift import HiFTCallback
 from llmhift.models.hf_causal_lm import _D_MODEL_NAMES, _N_LAYERS_NAMES
 from llmhift.models.llama import LlamaConfig
@@ -66,7 +67,7 @@ GiB = 2**30
 FP32, HALF, INDEX = 4, 2, 8  # bytes of an fp32 value, a bf16/fp16 value, an int64 index
 # Optimizer -> fp32 state tensors of a parameter's size (both AdamW flavours: exp_avg, exp_avg_sq).
 OPTIMIZER_MOMENTS = {"decoupled_adamw": 2, "adamw": 2}
-FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")  # FSDP2's are llmhift.builders'
+FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")  # FSDP2's are llmhift.build.trainer'
 
 
 @dataclass(frozen=True)
@@ -291,9 +292,9 @@ def activation_bytes(
 
 @dataclass(frozen=True)
 class Sharding:
-    """How FSDP spreads one rank's bytes, as train.py sets it up (:mod:`llmhift.builders`)."""
+    """How FSDP spreads one rank's bytes, as train.py sets it up (:mod:`llmhift.build.trainer`)."""
 
-    version: int  # 1 or 2, llmhift.builders.fsdp_version()
+    version: int  # 1 or 2, llmhift.build.parallel.fsdp_version()
     strategy: str  # fsdp_config.sharding_strategy
     reshard_after_forward: bool  # a block's gathered weights are freed after its forward
     world_size: int

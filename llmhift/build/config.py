@@ -17,6 +17,8 @@ from composer.core import Time, TimeUnit
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmhift.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "DatasetConfig",
@@ -33,10 +35,6 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
-
-
-class ConfigError(ValueError):
-    """A yaml or override that cannot run; the message starts with the offending key."""
 
 
 @dataclass

@@ -1,0 +1,212 @@
+"""Convert LLaMA-family weights between Hugging Face folders and llmhift (Composer) checkpoints.
+
+    python -m llmhift.convert.composer_to_hf save_hf_to_composer HF_DIR OUT.pt [overwrite=true]
+    python -m llmhift.convert.composer_to_hf save_composer_to_hf CKPT OUT_DIR [key=value ...]
+
+``save_composer_to_hf`` keys: ``dtype`` (fp32, bf16, fp16; default fp32), ``tokenizer`` (a folder to
+copy into the output), ``overwrite`` (default false; replaces only this command's own previous
+output), and any LlamaConfig field (``n_heads``, ``rope_theta``, ...) that neither the checkpoint nor
+the weights' shapes tell.
+No Hub access: the HF config comes from the weights and the configs stored with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import yaml
+
+from llmhift.atomic import OutputError, atomic_directory, atomic_file, check_destination, check_inputs
+from llmhift.checkpoint.io import (
+    LLMHIFT_KEY,
+    checked_metadata,
+    load_checkpoint,
+    model_state_dict,
+    read_hf_weights,
+    run_config_beside,
+    source_metadata,
+    tokenizer_files,
+    write_hf_weights,
+)
+from llmhift.models.hf_adapter import (
+    ConversionError,
+    check_state_dict_matches,
+    hf_config_from_llama,
+    hf_to_llmhift_state_dict,
+    infer_llama_config,
+    llama_config_from_hf,
+    llmhift_to_hf_state_dict,
+)
+from llmhift.models.llama import LlamaConfig
+
+__all__ = ["save_hf_to_composer", "save_composer_to_hf", "load_llama_checkpoint", "main"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WRITTEN_BY = "written_by"  # llmhift metadata key: the command that wrote a single-file output
+TO_COMPOSER, TO_HF = "save_hf_to_composer", "save_composer_to_hf"  # also the commands' output markers
+
+
+def file_written_by(path: Path, command: str) -> bool:
+    """Whether ``path`` is a weights-only file that ``command`` wrote: ``state.model`` and llmhift
+    metadata naming it, nothing else. The shape test keeps a training checkpoint that inherited the
+    metadata from its source from ever counting as one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file at all (torch raises several types): someone else's
+        return False
+    return (
+        isinstance(checkpoint, dict)
+        and set(checkpoint) == {"state", LLMHIFT_KEY}
+        and set(checkpoint["state"]) == {"model"}
+        and isinstance(checkpoint[LLMHIFT_KEY], dict)
+        and checkpoint[LLMHIFT_KEY].get(WRITTEN_BY) == command
+    )
+
+
+def save_torch_file(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk surfaces as ``OSError(ENOSPC)`` (given a
+    path, torch's C++ writer reports only "file write failed")."""
+    with path.open("wb") as f:
+        torch.save(obj, f)
+
+
+def save_hf_to_composer(hf_dir: str | Path, out_path: str | Path, overwrite: bool = False) -> Path:
+    """An HF LLaMA/Mistral folder -> a checkpoint whose ``state.model`` loads into ComposerLlama.
+
+    The file also carries the model config, the source's config.json, generation_config.json and
+    tokenizer files, so the way back to HF needs nothing else.
+    """
+    hf_dir = Path(hf_dir)
+    check_inputs(out_path, [hf_dir])
+    check_destination(out_path, overwrite, TO_COMPOSER, lambda path: file_written_by(path, TO_COMPOSER))
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
+    hf_config = json.loads(config_file.read_text())
+    config = llama_config_from_hf(hf_config)
+    weights = hf_to_llmhift_state_dict(read_hf_weights(hf_dir), config.tie_word_embeddings)
+    check_state_dict_matches(weights, config)
+    checkpoint = {
+        "state": {"model": weights},
+        LLMHIFT_KEY: {"model_config": config.to_dict(), **source_metadata(hf_dir), WRITTEN_BY: TO_COMPOSER},
+    }
+    needs = sum(t.numel() * t.element_size() for t in weights.values())
+    with atomic_file(out_path, overwrite, command=TO_COMPOSER, inputs=[hf_dir], needs=needs,
+                     own=lambda path: file_written_by(path, TO_COMPOSER)) as tmp:
+        save_torch_file(checkpoint, tmp)
+    return Path(out_path)
+
+
+def load_llama_checkpoint(
+    path: str | Path, overrides: Mapping[str, Any] | None = None
+) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(config, ComposerLlama weights, llmhift metadata) of a checkpoint.
+
+    The config comes from, in order of precedence: ``overrides``; the model config stored in the
+    checkpoint (by train.py or a converter; a ``config.yaml`` beside that contradicts it is refused) or,
+    for checkpoints older than that, the ``config.yaml`` train.py saved beside it; the weights' shapes.
+    All of them are cross-checked against the shapes.
+    """
+    meta = checked_metadata(path)
+    meta.pop("l0_module", None)
+    checkpoint = load_checkpoint(path, memory_map=True, model_only=True)
+    tokenizer_dir = Path((run_config_beside(path).get("tokenizer") or {}).get("name") or "")
+    if "tokenizer_files" not in meta and tokenizer_dir.name and tokenizer_dir.is_dir():
+        meta["tokenizer_files"] = tokenizer_files(tokenizer_dir)
+    weights = model_state_dict(checkpoint)
+    if any(k.startswith("mask_source.") for k in weights):
+        raise ConversionError(
+            f"{path} is a pruning checkpoint that still holds its L0 masks; make the small dense model first: "
+            f"python -m llmhift.convert.post_pruning prune_and_save_model {path}"
+        )
+    known = {**meta.get("model_config", {}), **(overrides or {})}
+    return infer_llama_config(weights, known), weights, meta
+
+
+def save_composer_to_hf(
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    dtype: str = "fp32",
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+    **config_overrides: Any,
+) -> Path:
+    """A Composer checkpoint or state dict -> an HF LlamaForCausalLM folder (safetensors), atomically.
+
+    With a source model known to the checkpoint (trained from an HF folder, or converted from one), the
+    folder keeps what the source had: its config.json except the fields the weights changed (a pruned
+    shape) and the dtype, its generation_config.json and its tokenizer files."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ConversionError(f"tokenizer={tokenizer} is not a folder")
+    # A sharded checkpoint is a folder, `latest-rank0.pt` a symlink to it: both are inputs (resolved).
+    # An output beside the checkpoint (ck/hf) is fine; ck itself contains the input and is refused.
+    inputs = [Path(checkpoint_path), *([tokenizer] if tokenizer else [])]
+    check_inputs(out_dir, inputs)
+    check_destination(out_dir, overwrite, TO_HF)
+    config, weights, meta = load_llama_checkpoint(checkpoint_path, config_overrides)
+    hf_weights = {k: v.to(DTYPES[dtype]) for k, v in llmhift_to_hf_state_dict(weights).items()}
+    hf_config = hf_config_from_llama(config, meta.get("hf_config"))
+    # transformers >= 4.56 writes and reads `dtype`, older versions `torch_dtype`: keep the source's key.
+    dtype_key = "dtype" if "dtype" in hf_config else "torch_dtype"
+    hf_config[dtype_key] = str(DTYPES[dtype]).removeprefix("torch.")
+    tokenizer_content = tokenizer_files(tokenizer) if tokenizer else meta.get("tokenizer_files", {})
+    needs = sum(t.numel() * t.element_size() for t in hf_weights.values())
+    with atomic_directory(out_dir, overwrite, command=TO_HF, inputs=inputs, needs=needs) as tmp:
+        write_hf_weights(hf_weights, tmp)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if "generation_config" in meta:
+            (tmp / "generation_config.json").write_text(json.dumps(meta["generation_config"], indent=2) + "\n")
+        for name, content in tokenizer_content.items():
+            (tmp / name).write_bytes(content)
+    return Path(out_dir)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` words -> a dict, values read as YAML so numbers, booleans and dicts keep their type."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConversionError(f"expected key=value, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmhift.convert.composer_to_hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_composer = commands.add_parser("save_hf_to_composer", help="HF folder -> Composer checkpoint")
+    to_composer.add_argument("hf_dir")
+    to_composer.add_argument("out_path")
+    to_composer.add_argument("overrides", nargs="*", metavar="overwrite=true")
+    to_hf = commands.add_parser("save_composer_to_hf", help="Composer checkpoint -> HF folder")
+    to_hf.add_argument("checkpoint")
+    to_hf.add_argument("out_dir")
+    to_hf.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+        if args.command == "save_hf_to_composer":
+            unknown = set(overrides) - {"overwrite"}
+            if unknown:
+                raise ConversionError(f"save_hf_to_composer takes only overwrite=..., not {sorted(unknown)}")
+            out = save_hf_to_composer(args.hf_dir, args.out_path, **overrides)
+        else:
+            out = save_composer_to_hf(args.checkpoint, args.out_dir, **overrides)
+    except (ConversionError, OutputError, OSError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
