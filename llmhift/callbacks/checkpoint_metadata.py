@@ -15,6 +15,7 @@ from llmhift.checkpoint.io import (
     source_metadata,
     tokenizer_files,
 )
+from llmhift.models.causal_lm import unwrap_model
 from llmhift.models.hf_adapter import ConversionError
 from llmhift.models.l0_module import TARGET_KEYS, L0Module
 from llmhift.models.llama import ComposerLlama
@@ -102,7 +103,7 @@ class CheckpointMetadataCallback(Callback):
         if read[1] is not None:
             raise ConversionError(f"model.pretrained: {self.source}: cannot read its metadata: {read[1]}")
         metadata = read[0]
-        model = state.model.module if hasattr(state.model, "module") else state.model  # DDP wraps it
+        model = unwrap_model(state.model)
         if isinstance(model, ComposerLlama):
             metadata["model_config"] = model.config.to_dict()
             if isinstance(model.mask_source, L0Module):

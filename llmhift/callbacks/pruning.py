@@ -8,14 +8,14 @@ import torch
 from composer import Callback, Logger, State
 from composer.utils.parallelism import FSDPConfig
 
+from llmhift.models.causal_lm import unwrap_model
 from llmhift.models.l0_module import L0Module
 
 __all__ = ["PruningCallback"]
 
 
 def _l0_module(state: State) -> L0Module:
-    model = state.model.module if hasattr(state.model, "module") else state.model  # DDP wraps it
-    l0 = getattr(model, "mask_source", None)
+    l0 = getattr(unwrap_model(state.model), "mask_source", None)
     if not isinstance(l0, L0Module):
         raise ValueError(
             "callbacks.pruning: the model has no L0Module; add model.l0_module: {pruning_modules: [...], "

@@ -42,7 +42,7 @@ from llmhift.models.hf_adapter import (
     llama_config_from_hf,
     llmhift_to_hf_state_dict,
 )
-from llmhift.models.llama import LlamaConfig
+from llmhift.models.llama import MASK_SOURCE_PREFIX, LlamaConfig
 
 __all__ = ["save_hf_to_composer", "save_composer_to_hf", "load_llama_checkpoint", "main"]
 
@@ -119,7 +119,7 @@ def load_llama_checkpoint(
     if "tokenizer_files" not in meta and tokenizer_dir.name and tokenizer_dir.is_dir():
         meta["tokenizer_files"] = tokenizer_files(tokenizer_dir)
     weights = model_state_dict(checkpoint)
-    if any(k.startswith("mask_source.") for k in weights):
+    if any(k.startswith(MASK_SOURCE_PREFIX) for k in weights):
         raise ConversionError(
             f"{path} is a pruning checkpoint that still holds its L0 masks; make the small dense model first: "
             f"python -m llmhift.convert.post_pruning prune_and_save_model {path}"

@@ -31,11 +31,10 @@ from llmhift.checkpoint.io import LLMHIFT_KEY, checked_metadata, load_checkpoint
 from llmhift.convert.composer_to_hf import WRITTEN_BY, file_written_by, parse_overrides, save_torch_file
 from llmhift.models.hf_adapter import ConversionError, updated_hf_config
 from llmhift.models.l0_module import L0Module
-from llmhift.models.llama import LlamaConfig
+from llmhift.models.llama import MASK_SOURCE_PREFIX, LlamaConfig
 
 __all__ = ["prune_llama_weights", "prune_and_save_model", "main"]
 
-MASK_PREFIX = "mask_source."
 COMMAND = "prune_and_save_model"  # in the output's llmhift metadata: overwrite=true replaces only such files
 
 
@@ -147,11 +146,11 @@ def prune_and_save_model(
     l0 = L0Module.from_dict(source, meta.pop("l0_module"))
     checkpoint = load_checkpoint(checkpoint_path, memory_map=True, model_only=True)
     weights = model_state_dict(checkpoint)
-    l0_state = {k[len(MASK_PREFIX):]: v for k, v in weights.items() if k.startswith(MASK_PREFIX)}
+    l0_state = {k[len(MASK_SOURCE_PREFIX):]: v for k, v in weights.items() if k.startswith(MASK_SOURCE_PREFIX)}
     if not l0_state:
-        raise ConversionError(f"{checkpoint_path} holds no {MASK_PREFIX}* weights: not a pruning checkpoint")
+        raise ConversionError(f"{checkpoint_path} holds no {MASK_SOURCE_PREFIX}* weights: not a pruning checkpoint")
     l0.load_state_dict(l0_state, strict=True)
-    model_weights = {k: v for k, v in weights.items() if not k.startswith(MASK_PREFIX)}
+    model_weights = {k: v for k, v in weights.items() if not k.startswith(MASK_SOURCE_PREFIX)}
     pruned_config, pruned = prune_llama_weights(model_weights, source, l0.deterministic_masks(exact_target=True))
     meta["model_config"] = pruned_config.to_dict()
     if "hf_config" in meta:  # the source's config.json, with the pruned shape

@@ -1,12 +1,15 @@
-"""What every llmhift causal LM shares: next-token targets, the loss, eval metrics and the FLOP count."""
+"""What every llmhift causal LM shares: next-token targets, the loss, eval metrics, the FLOP count,
+and the way back from Composer's DDP wrapper to the model."""
 
 from __future__ import annotations
 
 from typing import Mapping
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
 __all__ = [
@@ -15,6 +18,7 @@ __all__ = [
     "causal_lm_loss",
     "eval_metrics",
     "transformer_flops_per_batch",
+    "unwrap_model",
 ]
 
 IGNORE_INDEX = -100
@@ -65,3 +69,12 @@ def transformer_flops_per_batch(
     dense = 6 * matmul_params * batch_size * seq_len
     attention = 12 * n_layers * d_model * seq_len * seq_len * batch_size
     return dense + attention
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model a callback reads (``mask_source``, ``config``, its units) from ``state.model``.
+
+    Under DDP Composer's ``state.model`` is the ``DistributedDataParallel`` wrapper, holding the model as
+    ``.module``; FSDP2 shards the model in place, and a single process uses it as it is. Checked by type,
+    not by a ``module`` attribute, which a model of one's own may well have."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -24,7 +24,7 @@ from llmhift.models.causal_lm import (
 )
 from llmhift.models.metrics import domain_metrics, update_llm_metric
 
-__all__ = ["LlamaConfig", "LlamaModel", "ComposerLlama", "MASK_NAMES", "rope_inverse_frequencies"]
+__all__ = ["LlamaConfig", "LlamaModel", "ComposerLlama", "MASK_NAMES", "MASK_SOURCE_PREFIX", "rope_inverse_frequencies"]
 
 ATTN_IMPLS = ("sdpa", "eager", "flash_attn")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -32,6 +32,9 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # Structural masks the forward understands, and the shape of each (L layers, H query heads,
 # I intermediate channels, d hidden). `layer` acts as both `head_layer` and `mlp`.
 MASK_NAMES = ("head", "head_layer", "intermediate", "mlp", "hidden", "layer")
+# Where ComposerLlama keeps its mask module (``self.mask_source``), hence the prefix of the L0 masks' keys
+# in a checkpoint's ``state.model``: the converters tell a pruning checkpoint by it.
+MASK_SOURCE_PREFIX = "mask_source."
 
 
 @dataclass
