@@ -9,7 +9,10 @@ from composer import Callback, Logger, State
 from composer.utils import dist
 
 from llmhift.checkpoint.io import (
+    L0_MODULE_KEY,
     METADATA_CALLBACK,
+    MODEL_CONFIG_KEY,
+    TOKENIZER_FILES_KEY,
     metadata_from_state,
     metadata_state,
     source_metadata,
@@ -84,8 +87,8 @@ class CheckpointMetadataCallback(Callback):
 
     def _read_files(self) -> dict[str, Any]:
         metadata = source_metadata(self.source) if self.source else {}
-        if "tokenizer_files" not in metadata and self.tokenizer:
-            metadata["tokenizer_files"] = tokenizer_files(self.tokenizer)
+        if TOKENIZER_FILES_KEY not in metadata and self.tokenizer:
+            metadata[TOKENIZER_FILES_KEY] = tokenizer_files(self.tokenizer)
         return metadata
 
     def init(self, state: State, logger: Logger) -> None:
@@ -105,9 +108,9 @@ class CheckpointMetadataCallback(Callback):
         metadata = read[0]
         model = unwrap_model(state.model)
         if isinstance(model, ComposerLlama):
-            metadata["model_config"] = model.config.to_dict()
+            metadata[MODEL_CONFIG_KEY] = model.config.to_dict()
             if isinstance(model.mask_source, L0Module):
-                metadata["l0_module"] = l0_module_config(model.mask_source)
+                metadata[L0_MODULE_KEY] = l0_module_config(model.mask_source)
         self.metadata = metadata
 
     def state_dict(self) -> dict[str, Any]:
