@@ -14,6 +14,7 @@ from torchmetrics import Metric
 
 __all__ = [
     "IGNORE_INDEX",
+    "CE_METRIC",
     "next_token_targets",
     "causal_lm_loss",
     "eval_metrics",
@@ -22,6 +23,8 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+# The name of the token cross-entropy among the eval metrics, and so in Composer's logged key.
+CE_METRIC = "LanguageCrossEntropy"
 
 
 def next_token_targets(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -51,7 +54,7 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def eval_metrics() -> dict[str, Metric]:
     """Token cross-entropy and perplexity, named as Composer logs them."""
     return {
-        "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+        CE_METRIC: LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
         "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
     }
 
