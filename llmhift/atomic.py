@@ -34,6 +34,7 @@ __all__ = [
     "OutputError",
     "atomic_directory",
     "atomic_file",
+    "atomic_replace",
     "check_destination",
     "check_inputs",
     "claim_directory",
@@ -58,14 +59,21 @@ class OutputError(ValueError):
 
 
 class NoSpaceError(OSError):
-    """The disk filled while writing ``out``; the temp output is gone and the old output is untouched."""
+    """The disk filled while writing ``out``; the temp output is gone and the old output is untouched.
 
-    def __init__(self, out: Path, needs: Optional[int]) -> None:
+    Every llmhift writer raises this one class (a checkpoint too: ``checkpoint.run_folder.DiskFullError``
+    is this class), so a CLI catches one type. Its ``str()`` is the one line the user sees: the generic
+    one, or ``message`` where the writer knows more (a checkpoint names its size and how to resume)."""
+
+    def __init__(self, out: Path, needs: Optional[int] = None, message: Optional[str] = None) -> None:
         parent = next(p for p in (out.parent, *out.parents) if p.exists())
         self.out, self.needs, self.free = out, needs, shutil.disk_usage(parent).free
+        self.message = message
         super().__init__(errno.ENOSPC, str(self))
 
     def __str__(self) -> str:
+        if self.message is not None:
+            return self.message
         needs = f"needs about {self.needs:,} bytes, " if self.needs is not None else ""
         return f"no space left on device writing {self.out} ({needs}{self.free:,} bytes free)"
 
@@ -328,12 +336,30 @@ def atomic_file(
     """
     inputs = list(inputs)
     out = _prepare(out, overwrite, command, inputs, own)
+    with atomic_replace(out, needs, check=lambda: check_destination(out, overwrite, command, own)) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_replace(
+    out: PathLike, needs: Optional[int] = None, check: Optional[Callable[[], None]] = None
+) -> Iterator[Path]:
+    """Yields a temp path beside ``out`` that replaces ``out`` (fsynced, renamed) only if the block completes.
+
+    The core of :func:`atomic_file` without its destination rules, for files that several processes
+    may write at once with the same content: a shard that data-loader workers and ranks fetch into one
+    cache. No stale-temp sweep (a concurrent writer's temp file is live, not stale) and no refusal of
+    an existing ``out``: the last complete copy wins. ``check`` runs just before the rename and may
+    refuse it; a full disk raises :class:`NoSpaceError`.
+    """
+    out = Path(out)
     tmp = _new_sibling(out, "tmp", folder=False)
     try:
         yield tmp
         _apply_umask(tmp)
         _fsync(tmp)
-        check_destination(out, overwrite, command, own)
+        if check is not None:
+            check()
         os.replace(tmp, out)
         fsync_folder(out.parent)
     except BaseException as err:

@@ -12,7 +12,19 @@ from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
-__all__ = ["JsonlLogger"]
+__all__ = ["JsonlLogger", "EVAL_LABEL", "TRAIN_LOSS_KEY", "THROUGHPUT_KEY", "metric_key"]
+
+# Composer's key layout, named once for every reader of the logs (llmhift.report). Composer logs metric
+# <name> of evaluator <label> as ``metrics/<label>/<name>`` and each entry <k> of the loss as
+# ``loss/train/<k>`` (``total`` always: a loss tensor is its total); SpeedMonitor logs the throughput.
+EVAL_LABEL = "eval"  # the evaluator train.py builds from the yaml's eval_loader
+TRAIN_LOSS_KEY = "loss/train/{}"
+THROUGHPUT_KEY = "throughput/tokens_per_sec"
+
+
+def metric_key(name: str, label: str = EVAL_LABEL) -> str:
+    """The key Composer logs a metric under: ``metrics/eval/LanguageCrossEntropy``."""
+    return f"metrics/{label}/{name}"
 
 
 class JsonlLogger(LoggerDestination):

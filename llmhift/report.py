@@ -15,12 +15,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from llmhift.atomic import OutputError, atomic_directory  # noqa: E402
+from llmhift.callbacks.dynamic_loading import PROPORTION_KEY  # noqa: E402
+from llmhift.callbacks.pruning import (  # noqa: E402
+    EXPECTED_PARAMS_KEY,
+    EXPECTED_SPARSITY_KEY,
+    LM_LOSS,
+    TARGET_PARAMS_KEY,
+    TARGET_SPARSITY_KEY,
+)
+from llmhift.loggers import THROUGHPUT_KEY, TRAIN_LOSS_KEY, metric_key  # noqa: E402
+from llmhift.models.causal_lm import CE_METRIC  # noqa: E402
+from llmhift.models.metrics import DOMAIN_METRIC_SUFFIX  # noqa: E402
 
 __all__ = ["Series", "read_metrics", "read_metrics_skipping", "find_runs", "plot_run", "write_report", "main"]
 
 Series = dict[str, dict[int, float]]  # metric key -> {batch: value}
-EVAL_CE = "metrics/eval/LanguageCrossEntropy"
-DOMAIN_CE, DOMAIN_WEIGHT = "_LanguageCrossEntropy", "_weight"
+# What the report reads, each named by the module that logs it; a ``{}`` template matches one key per
+# domain or mask.
+EVAL_CE = metric_key(CE_METRIC)
+DOMAIN_CE = metric_key("{}" + DOMAIN_METRIC_SUFFIX)
+TOTAL_LOSS, LM_LOSS_KEY = TRAIN_LOSS_KEY.format("total"), TRAIN_LOSS_KEY.format(LM_LOSS)
+HIFT_GROUP = "hift/active_group"  # HiFTCallback's key; llmhift.callbacks.hift exports no name for it yet
 REPORT_TITLE = "# llmhift run report"
 COMMAND = "llmhift.report"  # the marker of a report folder: the only non-empty folder a report replaces
 
@@ -73,9 +88,23 @@ def find_runs(root: str | Path) -> dict[str, Path]:
     return runs
 
 
-def _stem(name: str) -> str:
-    """A run name as the start of a file name (names are relative paths: ``teamA/ck`` -> ``teamA_ck``)."""
-    return name.replace("/", "_")
+def _stems(names: Sequence[str]) -> dict[str, str]:
+    """Run name -> the start of its PNG files' names, unique among ``names``.
+
+    Names are relative paths and a file name holds no ``/``: ``teamA/ck`` reads ``teamA_ck``, which a
+    run folder named ``teamA_ck`` reads too. The later of two such runs gets ``-2`` (``-3``, ...) rather
+    than overwriting the other's plots; a suffix another run's own stem already has is skipped."""
+    wanted = {name: name.replace("/", "_") for name in names}
+    taken: set[str] = set()
+    stems = {}
+    for name, stem in wanted.items():
+        unique, n = stem, 1
+        while unique in taken or (unique != stem and unique in wanted.values()):
+            n += 1
+            unique = f"{stem}-{n}"
+        taken.add(unique)
+        stems[name] = unique
+    return stems
 
 
 def _xy(points: dict[int, float]) -> tuple[list[int], list[float]]:
@@ -83,15 +112,16 @@ def _xy(points: dict[int, float]) -> tuple[list[int], list[float]]:
     return batches, [points[b] for b in batches]
 
 
-def _with_suffix(series: Series, prefix: str, suffix: str) -> dict[str, dict[int, float]]:
-    """{domain: points} for keys ``<prefix><domain><suffix>``."""
+def _matching(series: Series, template: str) -> dict[str, dict[int, float]]:
+    """{domain: points} for the keys that fill the ``{}`` of ``template`` (``metrics/train/{}_weight``)."""
+    prefix, suffix = template.split("{}")
     return {k[len(prefix) : len(k) - len(suffix)]: v for k, v in sorted(series.items())
             if k.startswith(prefix) and k.endswith(suffix) and len(k) > len(prefix) + len(suffix)}
 
 
 def _domain_losses(series: Series) -> dict[str, dict[int, float]]:
     """Per-domain eval loss; a domain absent from the evaluated batches logs exactly 0, which is no loss."""
-    domains = _with_suffix(series, "metrics/eval/", DOMAIN_CE)
+    domains = _matching(series, DOMAIN_CE)
     kept = {d: {b: v for b, v in points.items() if v > 0} for d, points in domains.items()}
     return {d: points for d, points in kept.items() if points}
 
@@ -103,12 +133,12 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def _plot_loss(name: str, series: Series, out: Path) -> Path | None:
+def _plot_loss(name: str, series: Series) -> plt.Figure | None:
     domains = _domain_losses(series)
-    if "loss/train/total" not in series and not domains:
+    if TOTAL_LOSS not in series and not domains:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    lm_key = "loss/train/lm" if "loss/train/lm" in series else "loss/train/total"
+    lm_key = LM_LOSS_KEY if LM_LOSS_KEY in series else TOTAL_LOSS
     if lm_key in series:
         ax.plot(*_xy(series[lm_key]), color="0.6", linewidth=1, label="train (all domains)")
     for domain, points in domains.items():
@@ -118,11 +148,11 @@ def _plot_loss(name: str, series: Series, out: Path) -> Path | None:
     ax.set(title=f"{name}: language-model loss per domain", xlabel="batch", ylabel="cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / f"{_stem(name)}_loss.png")
+    return fig
 
 
-def _plot_proportions(name: str, series: Series, out: Path) -> Path | None:
-    weights = _with_suffix(series, "metrics/train/", DOMAIN_WEIGHT)
+def _plot_proportions(name: str, series: Series) -> plt.Figure | None:
+    weights = _matching(series, PROPORTION_KEY)
     if not weights:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -132,20 +162,20 @@ def _plot_proportions(name: str, series: Series, out: Path) -> Path | None:
            ylabel="proportion", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / f"{_stem(name)}_proportions.png")
+    return fig
 
 
-def _plot_pruning(name: str, series: Series, out: Path) -> Path | None:
-    if "pruning/expected_params" not in series:
+def _plot_pruning(name: str, series: Series) -> plt.Figure | None:
+    if EXPECTED_PARAMS_KEY not in series:
         return None
     fig, (params, sparsity) = plt.subplots(1, 2, figsize=(12, 4.5))
-    params.plot(*_xy(series["pruning/expected_params"]), linewidth=2, label="expected (L0 masks)")
-    params.plot(*_xy(series["pruning/target_params"]), "k--", label="target")
+    params.plot(*_xy(series[EXPECTED_PARAMS_KEY]), linewidth=2, label="expected (L0 masks)")
+    params.plot(*_xy(series[TARGET_PARAMS_KEY]), "k--", label="target")
     params.set(title=f"{name}: non-embedding parameters", xlabel="batch", ylabel="parameters")
     params.grid(alpha=0.3)
     params.legend(fontsize=8)
-    targets = _with_suffix(series, "pruning/target_sparsity/", "")
-    for index, (module, points) in enumerate(_with_suffix(series, "pruning/expected_sparsity/", "").items()):
+    targets = _matching(series, TARGET_SPARSITY_KEY)
+    for index, (module, points) in enumerate(_matching(series, EXPECTED_SPARSITY_KEY).items()):
         color = f"C{index}"
         sparsity.plot(*_xy(points), color=color, linewidth=2, label=f"{module}: expected")
         if module in targets:
@@ -153,38 +183,42 @@ def _plot_pruning(name: str, series: Series, out: Path) -> Path | None:
     sparsity.set(title=f"{name}: sparsity per structure vs target", xlabel="batch", ylabel="sparsity", ylim=(0, 1))
     sparsity.grid(alpha=0.3)
     sparsity.legend(fontsize=7, ncol=2)
-    return _save(fig, out / f"{_stem(name)}_pruning.png")
+    return fig
 
 
-def _plot_hift(name: str, series: Series, out: Path) -> Path | None:
-    if "hift/active_group" not in series:
+def _plot_hift(name: str, series: Series) -> plt.Figure | None:
+    if HIFT_GROUP not in series:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    batches, groups = _xy(series["hift/active_group"])
+    batches, groups = _xy(series[HIFT_GROUP])
     ax.step(batches, groups, where="post", color="C1", linewidth=2, label="active group")
     ax.scatter(batches, groups, c=groups, cmap="viridis", zorder=3, label="optimizer step")
     ax.set(title=f"{name}: HiFT group trained at each step", xlabel="batch", ylabel="group index")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / f"{_stem(name)}_hift.png")
+    return fig
 
 
-def _plot_throughput(name: str, series: Series, out: Path) -> Path | None:
-    if "throughput/tokens_per_sec" not in series:
+def _plot_throughput(name: str, series: Series) -> plt.Figure | None:
+    if THROUGHPUT_KEY not in series:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(*_xy(series["throughput/tokens_per_sec"]), color="C2", linewidth=2, label="tokens/s (all ranks)")
+    ax.plot(*_xy(series[THROUGHPUT_KEY]), color="C2", linewidth=2, label="tokens/s (all ranks)")
     ax.set(title=f"{name}: training throughput", xlabel="batch", ylabel="tokens per second")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / f"{_stem(name)}_throughput.png")
+    return fig
 
 
-def plot_run(name: str, series: Series, out: Path) -> list[Path]:
-    """Every plot the run's metrics allow, as PNGs in ``out``."""
-    plots = (_plot_loss, _plot_proportions, _plot_pruning, _plot_hift, _plot_throughput)
-    return [path for plot in plots if (path := plot(name, series, out)) is not None]
+def plot_run(name: str, series: Series, out: Path, stem: str | None = None) -> list[Path]:
+    """Every plot the run's metrics allow, as PNGs ``<stem>_<kind>.png`` in ``out``; ``stem`` defaults
+    to the name with ``/`` as ``_`` (:func:`write_report` gives each run a unique one)."""
+    stem = stem if stem is not None else _stems([name])[name]
+    plots = {"loss": _plot_loss, "proportions": _plot_proportions, "pruning": _plot_pruning, "hift": _plot_hift,
+             "throughput": _plot_throughput}
+    return [_save(fig, out / f"{stem}_{kind}.png") for kind, plot in plots.items()
+            if (fig := plot(name, series)) is not None]
 
 
 def _last(points: dict[int, float]) -> float:
@@ -195,28 +229,28 @@ def _summary(name: str, series: Series, pngs: list[Path]) -> list[str]:
     lines = [f"## {name}", ""]
     batches = max((max(points) for points in series.values()), default=0)
     lines.append(f"- batches: {batches}")
-    for key, label in (("loss/train/total", "final train loss"), (EVAL_CE, "final eval loss")):
+    for key, label in ((TOTAL_LOSS, "final train loss"), (EVAL_CE, "final eval loss")):
         if key in series:
             lines.append(f"- {label}: {_last(series[key]):.3f}")
     domains = _domain_losses(series)
     if domains:
         lines.append("- final eval loss per domain: " + ", ".join(f"{d} {_last(p):.3f}" for d, p in domains.items()))
-    weights = _with_suffix(series, "metrics/train/", DOMAIN_WEIGHT)
+    weights = _matching(series, PROPORTION_KEY)
     if weights:
         lines.append("- proportions first -> last: " + ", ".join(
             f"{d} {p[min(p)]:.3f} -> {_last(p):.3f}" for d, p in weights.items()))
-    if "pruning/expected_params" in series:
-        lines.append(f"- expected params at the end: {_last(series['pruning/expected_params']):,.0f} "
-                     f"(target {_last(series['pruning/target_params']):,.0f})")
-        targets = _with_suffix(series, "pruning/target_sparsity/", "")
+    if EXPECTED_PARAMS_KEY in series:
+        lines.append(f"- expected params at the end: {_last(series[EXPECTED_PARAMS_KEY]):,.0f} "
+                     f"(target {_last(series[TARGET_PARAMS_KEY]):,.0f})")
+        targets = _matching(series, TARGET_SPARSITY_KEY)
         lines.append("- sparsity expected / target: " + ", ".join(
             f"{m} {_last(p):.3f} / {_last(targets[m]):.3f}"
-            for m, p in _with_suffix(series, "pruning/expected_sparsity/", "").items() if m in targets))
-    if "hift/active_group" in series:
-        groups = sorted({int(g) for g in series["hift/active_group"].values()})
+            for m, p in _matching(series, EXPECTED_SPARSITY_KEY).items() if m in targets))
+    if HIFT_GROUP in series:
+        groups = sorted({int(g) for g in series[HIFT_GROUP].values()})
         lines.append(f"- HiFT groups trained: {groups}")
-    if "throughput/tokens_per_sec" in series:
-        values = list(series["throughput/tokens_per_sec"].values())
+    if THROUGHPUT_KEY in series:
+        values = list(series[THROUGHPUT_KEY].values())
         lines.append(f"- throughput: mean {sum(values) / len(values):,.0f} tokens/s")
     lines.append("")
     lines += [f"![{png.stem}]({png.name})" for png in pngs]
@@ -248,9 +282,10 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     with atomic_directory(out, overwrite=True, command=COMMAND, inputs=runs.values(),
                           own=_old_report) as tmp:
         lines = [REPORT_TITLE, "", f"Runs under `{root}`, in the order they started.", ""]
+        stems = _stems(list(runs))
         for name, path in runs.items():
             series, skipped = read_metrics_skipping(path)
-            summary = _summary(name, series, plot_run(name, series, tmp))
+            summary = _summary(name, series, plot_run(name, series, tmp, stems[name]))
             if skipped:
                 note = f"{path}: skipped {len(skipped)} unparsable line(s) (line {', '.join(map(str, skipped[:5]))})"
                 print(f"note: {note}; a run killed mid-write leaves its last line cut", file=sys.stderr)

@@ -141,7 +141,7 @@ def test_remote_shards_are_fetched_into_local(mds, tmp_path):
         fetched = {p.name: p.read_bytes() for p in (local / "train" / d).iterdir()}
         assert "index.json" in fetched and len(fetched) > 1
         assert all(data == (mds / "train" / d / name).read_bytes() for name, data in fetched.items())
-    assert not list(local.rglob("*.part"))
+    assert not list(local.rglob(".*"))  # no temp file left beside them
 
 
 def test_bad_proportions_and_schedule_are_refused(mds):

@@ -7,7 +7,7 @@ import torch
 
 from llmhift.build.config import config_from_dict
 from llmhift.build.trainer import build_optimizer
-from llmhift.models.l0_module import L0Module
+from llmhift.models.l0_module import PRUNING_MODULES, L0Module, mask_shapes
 from llmhift.models.llama import ComposerLlama, LlamaConfig, LlamaModel
 
 MHA = LlamaConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, intermediate_size=48)
@@ -176,3 +176,17 @@ def test_checkpoints_with_scalar_lambdas_still_load():
     for key, value in fresh.state_dict().items():
         assert torch.equal(value.reshape(old[key].shape), old[key]), key
     assert fresh.lambda_1["head"].shape == (1,)
+
+
+def test_mask_shapes_are_what_the_l0_module_learns_and_the_model_takes():
+    gqa = LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=48)
+    assert mask_shapes(gqa) == {"head": (3, 4), "head_layer": (3,), "intermediate": (3, 48), "mlp": (3,),
+                                "hidden": (32,), "layer": (3,)}
+    tables = {"head": (3, 2), "head_layer": (1, 3), "intermediate": (3, 48), "mlp": (1, 3), "hidden": (1, 32),
+              "layer": (1, 3)}  # one head gate per key/value group
+    assert mask_shapes(gqa, tables=True) == tables
+    l0 = L0Module(gqa, {"n_heads": 2, "n_layers": 2, "intermediate_size": 24, "d_model": 16}, PRUNING_MODULES)
+    assert {name: tuple(z.shape) for name, z in l0.z_loga.items()} == tables
+    for mode in (l0.train, l0.eval):
+        mode()
+        assert {name: tuple(m.shape) for name, m in l0().items()} == mask_shapes(gqa)

@@ -145,3 +145,9 @@ def test_converters_refuse_masks_and_attention_free_layers(tmp_path):
     torch.save({"state": {"model": pruned}}, tmp_path / "bare" / "attn_free.pt")
     with pytest.raises(ConversionError, match=r"layers \[1\] have no attention sublayer"):
         save_composer_to_hf(tmp_path / "bare" / "attn_free.pt", tmp_path / "hf2", n_heads=4)
+
+
+def test_a_mask_of_the_wrong_shape_is_refused_naming_it():
+    source = config(2, False)
+    with pytest.raises(ConversionError, match=rf"mask 'head' has shape \({L}, 2\); .* takes \({L}, {H}\)"):
+        prune_llama_weights(ComposerLlama(source).state_dict(), source, {"head": torch.ones(L, 2)})  # per KV group

@@ -76,3 +76,21 @@ def test_report_without_metrics_names_the_fix(tmp_path, capsys):
 def test_jsonl_logger_needs_a_path():
     with pytest.raises(ConfigError, match="loggers.jsonl: path"):
         _build_named("loggers", LOGGERS, {"jsonl": {"path": ""}})
+
+
+def test_runs_whose_names_read_alike_as_file_names_keep_their_own_plots(tmp_path):
+    for run, batches in (("teamA/ck", 4), ("teamA_ck", 8)):  # both read teamA_ck as a file name
+        logger = JsonlLogger(str(tmp_path / run / "metrics.jsonl"))
+        for b in range(1, batches + 1):
+            logger.log_metrics({"loss/train/total": 6.0 - 0.2 * b}, step=b)
+        logger.close(None, None)
+    assert main([str(tmp_path)]) == 0
+    names = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert names == ["teamA_ck-2_loss.png", "teamA_ck_loss.png"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    sections = {part.splitlines()[0]: part for part in text.split("\n## ")[1:]}
+    linked = {run: [line[line.index("(") + 1 : -1] for line in part.splitlines() if line.startswith("![")]
+              for run, part in sections.items()}
+    assert sorted(linked) == ["teamA/ck", "teamA_ck"]
+    assert sorted(linked["teamA/ck"] + linked["teamA_ck"]) == names  # one plot each, none shared
+    assert "- batches: 4" in sections["teamA/ck"] and "- batches: 8" in sections["teamA_ck"]

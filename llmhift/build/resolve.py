@@ -20,9 +20,9 @@ from typing import Any, Mapping
 from transformers import AutoConfig
 
 from llmhift.build.config import ConfigError
+from llmhift.checkpoint.io import MODEL_CONFIG_KEY, is_sharded_checkpoint, stored_metadata
 from llmhift.models.hf_adapter import ConversionError, llama_config_from_hf
-from llmhift.models.llama import LlamaConfig
-from llmhift.checkpoint.io import is_sharded_checkpoint, stored_metadata
+from llmhift.models.llama import LlamaConfig, architecture, same_value
 
 __all__ = [
     "CHOICE_FIELDS",
@@ -41,10 +41,6 @@ __all__ = [
 # is what the weights compute (shapes, tie_word_embeddings, rope_theta, rms_norm_eps, layers_without_*):
 # a yaml value that differs is refused.
 CHOICE_FIELDS = ("max_seq_len", "rope_scaling")
-# How a run computes, never taken from a checkpoint: the yaml's, else llmhift's defaults. A config.json
-# does not say them, and a stored config's values were another run's hardware choices (flash_attn on a
-# GPU, recomputation under FSDP) that would silently follow the weights onto this run's.
-RUN_SETTINGS = ("attn_impl", "activation_checkpointing", "init_std")
 # The fields a parameter count needs; a dry run prints no size that rests on a default of these.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "intermediate_size")
 # Keys of a llama model section that are not LlamaConfig fields.
@@ -91,18 +87,13 @@ class Resolution:
     note: str | None = None
 
 
-def _same(yaml_value: Any, declared: Any) -> bool:
-    if isinstance(yaml_value, list) and isinstance(declared, list):
-        return sorted(yaml_value) == sorted(declared)  # layers_without_*: a set of layer indices
-    return yaml_value == declared  # 1e5 == 100000 and True == true alike
-
-
 def declared_llama_config(path: str | Path) -> tuple[dict[str, Any], str] | None:
     """(the LlamaConfig fields a checkpoint declares, where they come from), or None when it declares
     none (a bare state dict, a checkpoint written before checkpoints carried their config).
 
     An HF folder declares its config.json, a Composer checkpoint, pruned-*.pt or sharded folder the
-    model config stored in it; neither declares how the run computes (RUN_SETTINGS).
+    model config stored in it; neither declares how the run computes
+    (:func:`llmhift.models.llama.architecture` leaves ``RUN_SETTINGS`` out).
     """
     path = Path(path)
     if path.is_dir() and not is_sharded_checkpoint(path):
@@ -116,14 +107,14 @@ def declared_llama_config(path: str | Path) -> tuple[dict[str, Any], str] | None
             declared = llama_config_from_hf(json.loads(config_file.read_text())).to_dict()
         except (ValueError, KeyError) as err:  # ConversionError and a malformed json are ValueErrors
             raise ConfigError(f"model.pretrained: {config_file}: {err!s}") from None
-        return {k: v for k, v in declared.items() if k not in RUN_SETTINGS}, str(config_file)
+        return architecture(declared), str(config_file)
     try:
-        stored = stored_metadata(path).get("model_config")
+        stored = stored_metadata(path).get(MODEL_CONFIG_KEY)
     except ConversionError as err:
         raise ConfigError(f"model.pretrained: {err}") from None
     if not stored:
         return None
-    return {k: v for k, v in stored.items() if k not in RUN_SETTINGS}, f"the model config stored in {path}"
+    return architecture(stored), f"the model config stored in {path}"
 
 
 def resolve_llama_section(section: Mapping[str, Any], missing_ok: bool = False) -> Resolution:
@@ -151,7 +142,7 @@ def resolve_llama_section(section: Mapping[str, Any], missing_ok: bool = False) 
         else:
             declared, source = found
     declared = declared or {}
-    differ = [k for k in names if k in yaml and k in declared and not _same(yaml[k], declared[k])]
+    differ = [k for k in names if k in yaml and k in declared and not same_value(yaml[k], declared[k])]
     contradictions = [k for k in differ if k not in CHOICE_FIELDS]
     if contradictions:
         listed = ", ".join(f"{k}={yaml[k]!r} (checkpoint: {declared[k]!r})" for k in contradictions)

@@ -6,7 +6,6 @@ last, so that a typo costs a second, not a model load.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -24,30 +23,29 @@ from composer.optim import (
     DecoupledAdamW,
     LinearWithWarmupScheduler,
 )
-from composer.utils import FSDP2Config, dist, reproducibility
-from torch.distributed.fsdp import FSDPModule
+from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from llmhift.atomic import atomic_file
+from llmhift.build.config import ConfigError, LoaderConfig, TrainConfig, device_batch_sizes
+from llmhift.build.parallel import average_gloo_fsdp2_gradients, on_gpu, parallelism_config
+from llmhift.build.resolve import Resolution, resolve_hf_section, resolve_llama_section, resolve_model_section
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
-from llmhift.build.config import ConfigError, LoaderConfig, TrainConfig, device_batch_sizes
-from llmhift.build.parallel import average_gloo_fsdp2_gradients, on_gpu, parallelism_config
+from llmhift.checkpoint.io import read_llama_weights
+from llmhift.checkpoint.run_folder import AtomicCheckpointSaver, checkpoint_problem, prepare_run_folder
 from llmhift.datasets.demo_data import ensure_demo_data
-from llmhift.datasets.instruction import InstructionDataset, check_instruction_dataset
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
+from llmhift.datasets.instruction import InstructionDataset, check_instruction_dataset
 from llmhift.datasets.text import DataFolderError, EverySample, MultiDomainTextDataset, find_domains, sequence_length
-from llmhift.loggers import JsonlLogger
+from llmhift.loggers import EVAL_LABEL, JsonlLogger
 from llmhift.models.hf_adapter import ConversionError, infer_llama_config
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
 from llmhift.models.l0_module import L0Module
 from llmhift.models.llama import ComposerLlama, LlamaConfig
-from llmhift.build.resolve import Resolution, resolve_hf_section, resolve_llama_section, resolve_model_section
-from llmhift.checkpoint.run_folder import AtomicCheckpointSaver, checkpoint_problem, prepare_run_folder
-from llmhift.checkpoint.io import read_llama_weights
 
 __all__ = [
     "CALLBACKS",
@@ -524,10 +522,8 @@ def save_resolved_config(config: TrainConfig) -> None:
     if not config.save_folder or "://" in config.save_folder or dist.get_global_rank() != 0:
         return
     folder = Path(config.save_folder.format(run_name=config.run_name))
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".config.yaml.tmp-{os.getpid()}"
-    tmp.write_text(config.to_yaml())
-    os.replace(tmp, folder / "config.yaml")
+    with atomic_file(folder / "config.yaml", overwrite=True) as tmp:  # a resumed run's own replaces it
+        tmp.write_text(config.to_yaml())
 
 
 def check_config(config: TrainConfig) -> dict[str, list[str]]:
@@ -576,7 +572,7 @@ def build_trainer(config: TrainConfig, eval_only: bool = False) -> Trainer:
         if config.eval_loader is not None:
             eval_loader = build_dataloader(config.eval_loader, domains["eval_loader"], config.device_eval_batch_size,
                                            for_eval=True)
-            evaluators.append(Evaluator(label="eval", dataloader=eval_loader))
+            evaluators.append(Evaluator(label=EVAL_LABEL, dataloader=eval_loader))
         reproducibility.seed_all(config.seed)  # the initial weights (and L0 masks) follow the yaml's seed
         model = build_model(config, domains.get("eval_loader"))
         callbacks.append(claim)  # holds the folder's lock while the Trainer lives

@@ -9,12 +9,16 @@ from composer import Callback, Logger, State
 from composer.utils import dist
 
 from llmhift.checkpoint.io import (
+    L0_MODULE_KEY,
     METADATA_CALLBACK,
+    MODEL_CONFIG_KEY,
+    TOKENIZER_FILES_KEY,
     metadata_from_state,
     metadata_state,
     source_metadata,
     tokenizer_files,
 )
+from llmhift.models.causal_lm import unwrap_model
 from llmhift.models.hf_adapter import ConversionError
 from llmhift.models.l0_module import TARGET_KEYS, L0Module
 from llmhift.models.llama import ComposerLlama
@@ -83,8 +87,8 @@ class CheckpointMetadataCallback(Callback):
 
     def _read_files(self) -> dict[str, Any]:
         metadata = source_metadata(self.source) if self.source else {}
-        if "tokenizer_files" not in metadata and self.tokenizer:
-            metadata["tokenizer_files"] = tokenizer_files(self.tokenizer)
+        if TOKENIZER_FILES_KEY not in metadata and self.tokenizer:
+            metadata[TOKENIZER_FILES_KEY] = tokenizer_files(self.tokenizer)
         return metadata
 
     def init(self, state: State, logger: Logger) -> None:
@@ -102,11 +106,11 @@ class CheckpointMetadataCallback(Callback):
         if read[1] is not None:
             raise ConversionError(f"model.pretrained: {self.source}: cannot read its metadata: {read[1]}")
         metadata = read[0]
-        model = state.model.module if hasattr(state.model, "module") else state.model  # DDP wraps it
+        model = unwrap_model(state.model)
         if isinstance(model, ComposerLlama):
-            metadata["model_config"] = model.config.to_dict()
+            metadata[MODEL_CONFIG_KEY] = model.config.to_dict()
             if isinstance(model.mask_source, L0Module):
-                metadata["l0_module"] = l0_module_config(model.mask_source)
+                metadata[L0_MODULE_KEY] = l0_module_config(model.mask_source)
         self.metadata = metadata
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,11 +11,15 @@ from composer import Callback, State
 from composer.loggers import Logger
 
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
+from llmhift.loggers import EVAL_LABEL
 from llmhift.models.metrics import DOMAIN_METRIC_SUFFIX
 
-__all__ = ["DynamicLoadingCallback", "doremi_update", "UPDATE_TYPES"]
+__all__ = ["DynamicLoadingCallback", "doremi_update", "UPDATE_TYPES", "PROPORTION_KEY", "EXCESS_LOSS_KEY"]
 
 UPDATE_TYPES = ("doremi", "doremi_unclamped", "constant")
+# The logged keys (the table in the class docstring); ``{}`` is the domain.
+PROPORTION_KEY = "metrics/train/{}_weight"
+EXCESS_LOSS_KEY = "metrics/train/{}_excess_loss"
 
 
 def doremi_update(
@@ -94,7 +98,7 @@ class DynamicLoadingCallback(Callback):
         update_type: str = "doremi",
         eta: float = 1.0,
         smoothing: float = 1e-4,
-        eval_label: str = "eval",
+        eval_label: str = EVAL_LABEL,
     ) -> None:
         self.set_names = list(set_names)
         repeated = sorted({d for d in self.set_names if self.set_names.count(d) > 1})
@@ -144,7 +148,7 @@ class DynamicLoadingCallback(Callback):
         return current
 
     def _log_weights(self, logger: Logger) -> None:
-        logger.log_metrics({f"metrics/train/{d}_weight": p for d, p in zip(self.set_names, self._current())})
+        logger.log_metrics({PROPORTION_KEY.format(d): p for d, p in zip(self.set_names, self._current())})
 
     def fit_start(self, state: State, logger: Logger) -> None:
         dataset = self._attach(state)
@@ -189,7 +193,7 @@ class DynamicLoadingCallback(Callback):
         excess = [loss - t for loss, t in zip(filled, self.target_loss)]
         if self.update_type != "doremi_unclamped":
             excess = [max(e, 0.0) for e in excess]
-        logger.log_metrics({f"metrics/train/{d}_excess_loss": e
+        logger.log_metrics({EXCESS_LOSS_KEY.format(d): e
                             for d, e, loss in zip(self.set_names, excess, losses) if loss is not None})
         if self.update_type == "constant":
             return

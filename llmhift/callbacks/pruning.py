@@ -8,14 +8,22 @@ import torch
 from composer import Callback, Logger, State
 from composer.utils.parallelism import FSDPConfig
 
+from llmhift.models.causal_lm import unwrap_model
 from llmhift.models.l0_module import L0Module
 
-__all__ = ["PruningCallback"]
+__all__ = ["PruningCallback", "LM_LOSS", "EXPECTED_SPARSITY_KEY", "TARGET_SPARSITY_KEY", "EXPECTED_PARAMS_KEY",
+           "TARGET_PARAMS_KEY"]
+
+# Keys of the table below that readers of the logs (llmhift.report) use; ``{}`` is the mask name.
+EXPECTED_SPARSITY_KEY = "pruning/expected_sparsity/{}"
+TARGET_SPARSITY_KEY = "pruning/target_sparsity/{}"
+EXPECTED_PARAMS_KEY = "pruning/expected_params"
+TARGET_PARAMS_KEY = "pruning/target_params"
+LM_LOSS = "lm"  # the loss entry without the penalty: Composer logs it as loss/train/lm
 
 
 def _l0_module(state: State) -> L0Module:
-    model = state.model.module if hasattr(state.model, "module") else state.model  # DDP wraps it
-    l0 = getattr(model, "mask_source", None)
+    l0 = getattr(unwrap_model(state.model), "mask_source", None)
     if not isinstance(l0, L0Module):
         raise ValueError(
             "callbacks.pruning: the model has no L0Module; add model.l0_module: {pruning_modules: [...], "
@@ -102,7 +110,7 @@ class PruningCallback(Callback):
         del logger  # unused
         penalty = _l0_module(state)(lagrangian=True)  # a call, so that FSDP2 gathers the parameters
         lm = state.loss["total"] if isinstance(state.loss, dict) else state.loss
-        state.loss = {"lm": lm, "lagrangian": penalty, "total": lm + penalty}
+        state.loss = {LM_LOSS: lm, "lagrangian": penalty, "total": lm + penalty}
 
     def batch_end(self, state: State, logger: Logger) -> None:
         _hold_fixed_lrs(state)  # again after scheduler.step, so LR monitors log the rate really used
@@ -117,13 +125,13 @@ class PruningCallback(Callback):
         with torch.no_grad(), l0.gathered():
             values: dict[str, float] = {}
             for name in l0.masks:
-                values[f"pruning/expected_sparsity/{name}"] = l0.expected_sparsity(name).mean().item()
-                values[f"pruning/target_sparsity/{name}"] = l0.target_sparsity(name)
+                values[EXPECTED_SPARSITY_KEY.format(name)] = l0.expected_sparsity(name).mean().item()
+                values[TARGET_SPARSITY_KEY.format(name)] = l0.target_sparsity(name)
                 values[f"pruning/lambda_1/{name}"] = l0.lambda_1[name].item()
                 values[f"pruning/lambda_2/{name}"] = l0.lambda_2[name].item()
             values["pruning/lagrangian_loss"] = l0.lagrangian().item()
-            values["pruning/expected_params"] = l0.expected_params().item()
-            values["pruning/target_params"] = float(l0.non_embedding_params(l0.target))
+            values[EXPECTED_PARAMS_KEY] = l0.expected_params().item()
+            values[TARGET_PARAMS_KEY] = float(l0.non_embedding_params(l0.target))
             for key, size in l0.current_shape().items():
                 values[f"pruning/shape/{key}"] = float(size)
         return values

@@ -18,9 +18,16 @@ import yaml
 from safetensors.torch import save_file
 
 from llmhift.models.hf_adapter import ConversionError, hf_to_llmhift_state_dict
+from llmhift.models.llama import architecture, same_value
 
 __all__ = [
     "LLMHIFT_KEY",
+    "MODEL_CONFIG_KEY",
+    "L0_MODULE_KEY",
+    "HF_CONFIG_KEY",
+    "GENERATION_CONFIG_KEY",
+    "TOKENIZER_FILES_KEY",
+    "WRITTEN_BY",
     "METADATA_CALLBACK",
     "checked_metadata",
     "metadata_from_state",
@@ -41,6 +48,13 @@ __all__ = [
 # Where llmhift keeps its own metadata (model config, source HF config, tokenizer files) inside a
 # checkpoint dict, beside Composer's `state`.
 LLMHIFT_KEY = "llmhift"
+# The fields of that metadata, the same wherever it is stored (under LLMHIFT_KEY or METADATA_CALLBACK):
+MODEL_CONFIG_KEY = "model_config"  # the model's LlamaConfig.to_dict()
+L0_MODULE_KEY = "l0_module"  # a pruning run's L0Module.from_dict arguments
+HF_CONFIG_KEY = "hf_config"  # the source HF folder's config.json
+GENERATION_CONFIG_KEY = "generation_config"  # the source HF folder's generation_config.json
+TOKENIZER_FILES_KEY = "tokenizer_files"  # {file name: bytes} of the tokenizer
+WRITTEN_BY = "written_by"  # the command that wrote a single-file output (a converter's marker)
 # What train.py's checkpoints carry the same metadata under: Composer stores every callback's
 # ``state_dict()`` as ``state.callbacks[<class __qualname__>]`` (file and sharded checkpoints alike), and
 # llmhift.callbacks.CheckpointMetadataCallback pins its ``__qualname__`` to this name.
@@ -50,8 +64,6 @@ METADATA_CALLBACK = "CheckpointMetadataCallback"
 _METADATA_FIELD = "json"
 # Files of an HF folder that belong to its tokenizer, besides those named tokenizer*.
 TOKENIZER_NAMES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
-# Model fields that say how a run computes, not what the weights are: a run config may differ in them.
-RUNTIME_FIELDS = ("attn_impl", "activation_checkpointing", "init_std")
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
@@ -302,9 +314,9 @@ def metadata_state(meta: dict[str, Any]) -> dict[str, str]:
     leaf, and Composer's sharded resume loads into the state the new run's callback holds, failing on
     any key the checkpoint lacks; a single leaf keeps the layout the same whatever the source was."""
     encoded = dict(meta)
-    if "tokenizer_files" in encoded:
-        encoded["tokenizer_files"] = {
-            name: base64.b64encode(content).decode("ascii") for name, content in meta["tokenizer_files"].items()
+    if TOKENIZER_FILES_KEY in encoded:
+        encoded[TOKENIZER_FILES_KEY] = {
+            name: base64.b64encode(content).decode("ascii") for name, content in meta[TOKENIZER_FILES_KEY].items()
         }
     return {_METADATA_FIELD: json.dumps(encoded, sort_keys=True)}
 
@@ -312,8 +324,8 @@ def metadata_state(meta: dict[str, Any]) -> dict[str, str]:
 def metadata_from_state(state: dict[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`metadata_state`."""
     meta = json.loads(state[_METADATA_FIELD])
-    if "tokenizer_files" in meta:
-        meta["tokenizer_files"] = {name: base64.b64decode(text) for name, text in meta["tokenizer_files"].items()}
+    if TOKENIZER_FILES_KEY in meta:
+        meta[TOKENIZER_FILES_KEY] = {name: base64.b64decode(text) for name, text in meta[TOKENIZER_FILES_KEY].items()}
     return meta
 
 
@@ -362,7 +374,7 @@ def stored_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 # What a model inherits from its source; the source's model and L0 configs, and which command wrote
 # it (a converter's output marker), describe the source alone.
-INHERITED = ("hf_config", "generation_config", "tokenizer_files")
+INHERITED = (HF_CONFIG_KEY, GENERATION_CONFIG_KEY, TOKENIZER_FILES_KEY)
 
 
 def source_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -373,31 +385,25 @@ def source_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir() and not is_sharded_checkpoint(path):
         if not (path / "config.json").is_file():
             raise ConversionError(f"{path} is a folder without config.json: not a Hugging Face model folder")
-        meta: dict[str, Any] = {"hf_config": json.loads((path / "config.json").read_text())}
+        meta: dict[str, Any] = {HF_CONFIG_KEY: json.loads((path / "config.json").read_text())}
         if (path / "generation_config.json").is_file():
-            meta["generation_config"] = json.loads((path / "generation_config.json").read_text())
+            meta[GENERATION_CONFIG_KEY] = json.loads((path / "generation_config.json").read_text())
         files = tokenizer_files(path)
         if files:
-            meta["tokenizer_files"] = files
+            meta[TOKENIZER_FILES_KEY] = files
         return meta
     return {k: v for k, v in stored_metadata(path).items() if k in INHERITED}
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, list) and isinstance(b, list):  # pruning_modules, layers_without_*: order carries nothing
-        return sorted(a) == sorted(b)
-    return a == b
 
 
 def _contradictions(stored: dict[str, Any], claimed: dict[str, Any], prefix: str) -> list[str]:
     """``prefix.field=claimed (checkpoint: stored)`` for every field both set to different values."""
     found = []
     for key, value in claimed.items():
-        if value is None or key not in stored or key in RUNTIME_FIELDS:
+        if value is None or key not in stored:
             continue
         if isinstance(value, dict) and isinstance(stored[key], dict):
             found += _contradictions(stored[key], value, f"{prefix}{key}.")
-        elif not _same(value, stored[key]):
+        elif not same_value(value, stored[key]):
             found.append(f"{prefix}{key}={value} (checkpoint: {stored[key]})")
     return found
 
@@ -420,24 +426,24 @@ def checked_metadata(checkpoint: str | os.PathLike, config_path: str | os.PathLi
     else:
         where = f"the config.yaml beside {checkpoint}"
         fix = "it was written for another model (a later run into that folder?): move it aside"
-        described = "model_config" not in from_converter  # a converter's output is described by itself alone
+        described = MODEL_CONFIG_KEY not in from_converter  # a converter's output is described by itself alone
         run_config = run_config_beside(checkpoint) if described else {}
     section = dict(run_config.get("model") or {})
     l0_section = section.pop("l0_module", None)
-    claimed = {k: v for k, v in section.items() if k not in ("name", "pretrained")}
-    if "model_config" not in meta:  # written before checkpoints carried their config
+    claimed = architecture(section)
+    if MODEL_CONFIG_KEY not in meta:  # written before checkpoints carried their config
         if section.get("name") == "llama":
-            meta["model_config"] = claimed
+            meta[MODEL_CONFIG_KEY] = claimed
         if l0_section is not None:
-            meta["l0_module"] = l0_section
+            meta[L0_MODULE_KEY] = l0_section
         return meta
-    found = _contradictions(meta["model_config"], claimed, "model.")
+    found = _contradictions(meta[MODEL_CONFIG_KEY], claimed, "model.")
     if l0_section is not None:
-        if "l0_module" not in meta:
+        if L0_MODULE_KEY not in meta:
             found.append("model.l0_module (the checkpoint is not a pruning run's)")
         else:
             shaping = {k: l0_section[k] for k in ("target_model", "pruning_modules") if k in l0_section}
-            found += _contradictions(meta["l0_module"], shaping, "model.l0_module.")
+            found += _contradictions(meta[L0_MODULE_KEY], shaping, "model.l0_module.")
     if found:
         raise ConversionError(f"{where} contradicts the config stored in {checkpoint}: {', '.join(found)}; {fix}")
     return meta

@@ -23,7 +23,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist, save_checkpoint
 
-from llmhift.atomic import fsync_folder, is_no_space
+from llmhift.atomic import NoSpaceError, fsync_folder, is_no_space
 from llmhift.checkpoint.io import is_sharded_checkpoint, load_checkpoint
 from llmhift.errors import ConfigError
 
@@ -66,8 +66,9 @@ class RunFolderError(ConfigError):
     """The save folder cannot take this run; the message names the folder and the fix."""
 
 
-class DiskFullError(RuntimeError):
-    """No space left while writing a checkpoint; the message is the one line the user sees."""
+# No space left while writing a checkpoint: the one class every llmhift writer raises, under the name
+# this module has always exported (train.py and users catch it).
+DiskFullError = NoSpaceError
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -91,7 +92,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
     Remote save folders keep Composer's own saver (an object store shows an upload whole or not at all).
     Unlike Composer's saver, it offers no checkpoint to loggers for upload (WandB ``log_artifacts``).
 
-    Raises :class:`DiskFullError` when the disk fills, naming the folder and, when a previous checkpoint
+    Raises :class:`~llmhift.atomic.NoSpaceError` (alias ``DiskFullError``) when the disk fills, naming the folder and, when a previous checkpoint
     shows it, the bytes one checkpoint takes.
 
     Args:
@@ -119,7 +120,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         except Exception as err:
             if is_no_space(err):
                 folder = Path(format_name_with_dist(self.folder, state.run_name)).absolute()
-                raise DiskFullError(self._disk_full_message(folder)) from None
+                raise NoSpaceError(folder, message=self._disk_full_message(folder)) from None
             raise
 
     def _save_monolithic(self, state: State) -> None:

@@ -23,7 +23,13 @@ import yaml
 
 from llmhift.atomic import OutputError, atomic_directory, atomic_file, check_destination, check_inputs
 from llmhift.checkpoint.io import (
+    GENERATION_CONFIG_KEY,
+    HF_CONFIG_KEY,
+    L0_MODULE_KEY,
     LLMHIFT_KEY,
+    MODEL_CONFIG_KEY,
+    TOKENIZER_FILES_KEY,
+    WRITTEN_BY,
     checked_metadata,
     load_checkpoint,
     model_state_dict,
@@ -42,12 +48,11 @@ from llmhift.models.hf_adapter import (
     llama_config_from_hf,
     llmhift_to_hf_state_dict,
 )
-from llmhift.models.llama import LlamaConfig
+from llmhift.models.llama import MASK_SOURCE_PREFIX, LlamaConfig
 
 __all__ = ["save_hf_to_composer", "save_composer_to_hf", "load_llama_checkpoint", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-WRITTEN_BY = "written_by"  # llmhift metadata key: the command that wrote a single-file output
 TO_COMPOSER, TO_HF = "save_hf_to_composer", "save_composer_to_hf"  # also the commands' output markers
 
 
@@ -93,7 +98,7 @@ def save_hf_to_composer(hf_dir: str | Path, out_path: str | Path, overwrite: boo
     check_state_dict_matches(weights, config)
     checkpoint = {
         "state": {"model": weights},
-        LLMHIFT_KEY: {"model_config": config.to_dict(), **source_metadata(hf_dir), WRITTEN_BY: TO_COMPOSER},
+        LLMHIFT_KEY: {MODEL_CONFIG_KEY: config.to_dict(), **source_metadata(hf_dir), WRITTEN_BY: TO_COMPOSER},
     }
     needs = sum(t.numel() * t.element_size() for t in weights.values())
     with atomic_file(out_path, overwrite, command=TO_COMPOSER, inputs=[hf_dir], needs=needs,
@@ -113,18 +118,18 @@ def load_llama_checkpoint(
     All of them are cross-checked against the shapes.
     """
     meta = checked_metadata(path)
-    meta.pop("l0_module", None)
+    meta.pop(L0_MODULE_KEY, None)
     checkpoint = load_checkpoint(path, memory_map=True, model_only=True)
     tokenizer_dir = Path((run_config_beside(path).get("tokenizer") or {}).get("name") or "")
-    if "tokenizer_files" not in meta and tokenizer_dir.name and tokenizer_dir.is_dir():
-        meta["tokenizer_files"] = tokenizer_files(tokenizer_dir)
+    if TOKENIZER_FILES_KEY not in meta and tokenizer_dir.name and tokenizer_dir.is_dir():
+        meta[TOKENIZER_FILES_KEY] = tokenizer_files(tokenizer_dir)
     weights = model_state_dict(checkpoint)
-    if any(k.startswith("mask_source.") for k in weights):
+    if any(k.startswith(MASK_SOURCE_PREFIX) for k in weights):
         raise ConversionError(
             f"{path} is a pruning checkpoint that still holds its L0 masks; make the small dense model first: "
             f"python -m llmhift.convert.post_pruning prune_and_save_model {path}"
         )
-    known = {**meta.get("model_config", {}), **(overrides or {})}
+    known = {**meta.get(MODEL_CONFIG_KEY, {}), **(overrides or {})}
     return infer_llama_config(weights, known), weights, meta
 
 
@@ -152,17 +157,17 @@ def save_composer_to_hf(
     check_destination(out_dir, overwrite, TO_HF)
     config, weights, meta = load_llama_checkpoint(checkpoint_path, config_overrides)
     hf_weights = {k: v.to(DTYPES[dtype]) for k, v in llmhift_to_hf_state_dict(weights).items()}
-    hf_config = hf_config_from_llama(config, meta.get("hf_config"))
+    hf_config = hf_config_from_llama(config, meta.get(HF_CONFIG_KEY))
     # transformers >= 4.56 writes and reads `dtype`, older versions `torch_dtype`: keep the source's key.
     dtype_key = "dtype" if "dtype" in hf_config else "torch_dtype"
     hf_config[dtype_key] = str(DTYPES[dtype]).removeprefix("torch.")
-    tokenizer_content = tokenizer_files(tokenizer) if tokenizer else meta.get("tokenizer_files", {})
+    tokenizer_content = tokenizer_files(tokenizer) if tokenizer else meta.get(TOKENIZER_FILES_KEY, {})
     needs = sum(t.numel() * t.element_size() for t in hf_weights.values())
     with atomic_directory(out_dir, overwrite, command=TO_HF, inputs=inputs, needs=needs) as tmp:
         write_hf_weights(hf_weights, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        if "generation_config" in meta:
-            (tmp / "generation_config.json").write_text(json.dumps(meta["generation_config"], indent=2) + "\n")
+        if GENERATION_CONFIG_KEY in meta:
+            (tmp / "generation_config.json").write_text(json.dumps(meta[GENERATION_CONFIG_KEY], indent=2) + "\n")
         for name, content in tokenizer_content.items():
             (tmp / name).write_bytes(content)
     return Path(out_dir)

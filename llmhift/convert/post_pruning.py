@@ -27,15 +27,23 @@ from typing import Mapping, Sequence
 import torch
 
 from llmhift.atomic import atomic_file, check_destination, check_inputs
-from llmhift.checkpoint.io import LLMHIFT_KEY, checked_metadata, load_checkpoint, model_state_dict
-from llmhift.convert.composer_to_hf import WRITTEN_BY, file_written_by, parse_overrides, save_torch_file
+from llmhift.checkpoint.io import (
+    HF_CONFIG_KEY,
+    L0_MODULE_KEY,
+    LLMHIFT_KEY,
+    MODEL_CONFIG_KEY,
+    WRITTEN_BY,
+    checked_metadata,
+    load_checkpoint,
+    model_state_dict,
+)
+from llmhift.convert.composer_to_hf import file_written_by, parse_overrides, save_torch_file
 from llmhift.models.hf_adapter import ConversionError, updated_hf_config
-from llmhift.models.l0_module import L0Module
-from llmhift.models.llama import LlamaConfig
+from llmhift.models.l0_module import L0Module, mask_shapes
+from llmhift.models.llama import MASK_SOURCE_PREFIX, LlamaConfig
 
 __all__ = ["prune_llama_weights", "prune_and_save_model", "main"]
 
-MASK_PREFIX = "mask_source."
 COMMAND = "prune_and_save_model"  # in the output's llmhift metadata: overwrite=true replaces only such files
 
 
@@ -56,16 +64,21 @@ def prune_llama_weights(
     Returns the pruned config and weights; ``ComposerLlama(pruned_config)`` with them gives the
     logits of ``ComposerLlama(config, mask_source=<masks>)`` with the original weights.
     """
-    L, H, KV, I, d = config.n_layers, config.n_heads, config.n_kv_heads, config.intermediate_size, config.d_model
+    L, H, KV = config.n_layers, config.n_heads, config.n_kv_heads
     group, hd = H // KV, config.head_dim
     w = {k: v.detach().float() for k, v in weights.items()}
-    ones = torch.ones
-    layer = masks.get("layer", ones(L)).float()
-    head = masks.get("head", ones(L, H)).float()  # (L, H)
-    head_layer = masks.get("head_layer", ones(L)).float() * layer  # (L,)
-    inter = masks.get("intermediate", ones(L, I)).float()  # (L, I)
-    mlp = masks.get("mlp", ones(L)).float() * layer  # (L,)
-    hz = masks.get("hidden", ones(d)).float()  # (d,)
+    shapes = mask_shapes(config)
+    for name, mask in masks.items():
+        if tuple(mask.shape) != shapes.get(name):
+            raise ConversionError(f"mask {name!r} has shape {tuple(mask.shape)}; a model of this config takes "
+                                  f"{shapes.get(name, f'no such mask (names: {list(shapes)})')}")
+    full = {name: masks[name].float() if name in masks else torch.ones(shape) for name, shape in shapes.items()}
+    layer = full["layer"]  # (L,)
+    head = full["head"]  # (L, H)
+    head_layer = full["head_layer"] * layer  # (L,)
+    inter = full["intermediate"]  # (L, I)
+    mlp = full["mlp"] * layer  # (L,)
+    hz = full["hidden"]  # (d,)
     keep_h = hz.nonzero().squeeze(-1)  # (d',)
     hk = hz[keep_h]  # (d',)
 
@@ -136,26 +149,26 @@ def prune_and_save_model(
     check_inputs(out, inputs)
     check_destination(out, overwrite, COMMAND, lambda path: file_written_by(path, COMMAND))
     meta = checked_metadata(checkpoint_path, config)
-    if "model_config" not in meta:
+    if MODEL_CONFIG_KEY not in meta:
         raise ConversionError(
             f"{checkpoint_path} stores no model config and there is no config.yaml beside it (train.py writes one "
             "into its save_folder); pass config=PATH/TO/run.yaml with the model and model.l0_module sections"
         )
-    if "l0_module" not in meta:
+    if L0_MODULE_KEY not in meta:
         raise ConversionError(f"{checkpoint_path} comes from a run without model.l0_module: not a pruning run")
-    source = LlamaConfig.from_dict(meta.pop("model_config"))
-    l0 = L0Module.from_dict(source, meta.pop("l0_module"))
+    source = LlamaConfig.from_dict(meta.pop(MODEL_CONFIG_KEY))
+    l0 = L0Module.from_dict(source, meta.pop(L0_MODULE_KEY))
     checkpoint = load_checkpoint(checkpoint_path, memory_map=True, model_only=True)
     weights = model_state_dict(checkpoint)
-    l0_state = {k[len(MASK_PREFIX):]: v for k, v in weights.items() if k.startswith(MASK_PREFIX)}
+    l0_state = {k[len(MASK_SOURCE_PREFIX):]: v for k, v in weights.items() if k.startswith(MASK_SOURCE_PREFIX)}
     if not l0_state:
-        raise ConversionError(f"{checkpoint_path} holds no {MASK_PREFIX}* weights: not a pruning checkpoint")
+        raise ConversionError(f"{checkpoint_path} holds no {MASK_SOURCE_PREFIX}* weights: not a pruning checkpoint")
     l0.load_state_dict(l0_state, strict=True)
-    model_weights = {k: v for k, v in weights.items() if not k.startswith(MASK_PREFIX)}
+    model_weights = {k: v for k, v in weights.items() if not k.startswith(MASK_SOURCE_PREFIX)}
     pruned_config, pruned = prune_llama_weights(model_weights, source, l0.deterministic_masks(exact_target=True))
-    meta["model_config"] = pruned_config.to_dict()
-    if "hf_config" in meta:  # the source's config.json, with the pruned shape
-        meta["hf_config"] = updated_hf_config(meta["hf_config"], pruned_config)
+    meta[MODEL_CONFIG_KEY] = pruned_config.to_dict()
+    if HF_CONFIG_KEY in meta:  # the source's config.json, with the pruned shape
+        meta[HF_CONFIG_KEY] = updated_hf_config(meta[HF_CONFIG_KEY], pruned_config)
     meta[WRITTEN_BY] = COMMAND
     needs = sum(t.numel() * t.element_size() for t in pruned.values())
     with atomic_file(out, overwrite, command=COMMAND, inputs=inputs, needs=needs,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -14,6 +12,8 @@ from streaming.base.compression import decompress
 from streaming.base.format import reader_from_json
 from streaming.base.storage.download import CloudDownloader
 from torch.utils.data import IterableDataset, get_worker_info
+
+from llmhift.atomic import atomic_replace
 
 __all__ = ["DynamicStreamingDataset", "check_proportion"]
 
@@ -39,14 +39,12 @@ def _fetch(remote: str, local: Path) -> None:
     if local.is_file():
         return
     local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
     downloader = CloudDownloader.get(remote)
     try:
-        downloader.download(remote, str(tmp))
-        os.replace(tmp, local)
+        with atomic_replace(local) as tmp:
+            downloader.download(remote, str(tmp))
     finally:
         downloader.clean_up()
-        tmp.unlink(missing_ok=True)
 
 
 class _Domain:
@@ -77,9 +75,8 @@ class _Domain:
                 continue
             zip_path = self.local / zipped.basename
             _fetch(f"{self.remote}/{zipped.basename}", zip_path)
-            tmp = raw_path.with_name(f".{raw.basename}.{os.getpid()}-{secrets.token_hex(4)}.part")
-            tmp.write_bytes(decompress(reader.compression, zip_path.read_bytes()))
-            os.replace(tmp, raw_path)
+            with atomic_replace(raw_path) as tmp:
+                tmp.write_bytes(decompress(reader.compression, zip_path.read_bytes()))
         self._ready.add(s)
 
     def get(self, sample_id: int) -> dict[str, Any]:

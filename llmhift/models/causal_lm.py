@@ -1,23 +1,30 @@
-"""What every llmhift causal LM shares: next-token targets, the loss, eval metrics and the FLOP count."""
+"""What every llmhift causal LM shares: next-token targets, the loss, eval metrics, the FLOP count,
+and the way back from Composer's DDP wrapper to the model."""
 
 from __future__ import annotations
 
 from typing import Mapping
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
 __all__ = [
     "IGNORE_INDEX",
+    "CE_METRIC",
     "next_token_targets",
     "causal_lm_loss",
     "eval_metrics",
     "transformer_flops_per_batch",
+    "unwrap_model",
 ]
 
 IGNORE_INDEX = -100
+# The name of the token cross-entropy among the eval metrics, and so in Composer's logged key.
+CE_METRIC = "LanguageCrossEntropy"
 
 
 def next_token_targets(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -47,7 +54,7 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def eval_metrics() -> dict[str, Metric]:
     """Token cross-entropy and perplexity, named as Composer logs them."""
     return {
-        "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+        CE_METRIC: LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
         "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
     }
 
@@ -65,3 +72,12 @@ def transformer_flops_per_batch(
     dense = 6 * matmul_params * batch_size * seq_len
     attention = 12 * n_layers * d_model * seq_len * seq_len * batch_size
     return dense + attention
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model a callback reads (``mask_source``, ``config``, its units) from ``state.model``.
+
+    Under DDP Composer's ``state.model`` is the ``DistributedDataParallel`` wrapper, holding the model as
+    ``.module``; FSDP2 shards the model in place, and a single process uses it as it is. Checked by type,
+    not by a ``module`` attribute, which a model of one's own may well have."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

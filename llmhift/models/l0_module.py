@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 
-from llmhift.models.llama import LlamaConfig, LlamaModel
+from llmhift.models.llama import MASK_NAMES, LlamaConfig, LlamaModel
 
-__all__ = ["L0Module", "PRUNING_MODULES", "TARGET_KEYS", "parse_steps", "count_params"]
+__all__ = ["L0Module", "PRUNING_MODULES", "TARGET_KEYS", "parse_steps", "count_params", "mask_shapes"]
 
 PRUNING_MODULES = ("head", "head_layer", "intermediate", "mlp", "hidden", "layer")
 TARGET_KEYS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "intermediate_size")
@@ -38,6 +38,23 @@ def count_params(config: LlamaConfig) -> int:
     """Every parameter of a LlamaModel of this shape (embeddings, head and norms included)."""
     with torch.device("meta"):
         return sum(p.numel() for p in LlamaModel(config).parameters())
+
+
+def mask_shapes(config: LlamaConfig, tables: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shape of every mask of ``MASK_NAMES`` over a model of ``config``.
+
+    By default the shapes ComposerLlama takes: ``head`` (L, H) per query head, ``intermediate`` (L, I),
+    ``hidden`` (d,), ``layer``, ``head_layer`` and ``mlp`` (L,). With ``tables`` those of the L0Module's
+    log-alpha tables, [rows, size]: one ``head`` gate per key/value group, (L, KV), so that a pruned GQA
+    model stays GQA, and each vector as a single row. Everything that builds, defaults or checks a mask
+    (the L0 module, post-pruning) takes its shape from here.
+    """
+    L, d, inter = config.n_layers, config.d_model, config.intermediate_size
+    heads = config.n_kv_heads if tables else config.n_heads
+    shapes: dict[str, tuple[int, ...]] = {"head": (L, heads), "intermediate": (L, inter)}
+    vectors = {"head_layer": L, "mlp": L, "hidden": d, "layer": L}
+    shapes.update({name: (1, size) if tables else (size,) for name, size in vectors.items()})
+    return {name: shapes[name] for name in MASK_NAMES}
 
 
 @dataclass(frozen=True)
@@ -180,17 +197,11 @@ class L0Module(nn.Module):
                 )
 
     def _mask_spec(self, name: str) -> _Mask:
-        s, t = self.source, self.target
-        if name == "head":
-            return _Mask(s.n_layers, s.n_kv_heads, t.n_kv_heads)
-        if name == "intermediate":
-            return _Mask(s.n_layers, s.intermediate_size, t.intermediate_size)
-        if name == "hidden":
-            return _Mask(1, s.d_model, t.d_model)
-        if name == "layer":
-            return _Mask(1, s.n_layers, t.n_layers)
+        rows, size = mask_shapes(self.source, tables=True)[name]
+        t = self.target
+        kept = {"head": t.n_kv_heads, "intermediate": t.intermediate_size, "hidden": t.d_model, "layer": t.n_layers}
         # head_layer / mlp: the target keeps every sublayer; these gates only add freedom in training.
-        return _Mask(1, s.n_layers, s.n_layers)
+        return _Mask(rows, size, kept.get(name, size))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Checkpoints written before the multipliers became 1-element vectors hold them as scalars.
@@ -248,12 +259,9 @@ class L0Module(nn.Module):
         return total
 
     def _scores_or_ones(self) -> dict[str, torch.Tensor]:
-        s = self.source
-        ones = {"head": (s.n_layers, s.n_kv_heads), "intermediate": (s.n_layers, s.intermediate_size),
-                "hidden": (1, s.d_model), "layer": (1, s.n_layers), "head_layer": (1, s.n_layers),
-                "mlp": (1, s.n_layers)}
         ref = self.z_loga[self.pruning_modules[0]]
-        return {name: self.score(name) if name in self.masks else ref.new_ones(shape) for name, shape in ones.items()}
+        return {name: self.score(name) if name in self.masks else ref.new_ones(shape)
+                for name, shape in mask_shapes(self.source, tables=True).items()}
 
     def expected_params(self) -> torch.Tensor:
         """Expected non-embedding matmul parameters under the current gate probabilities."""

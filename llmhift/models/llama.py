@@ -24,14 +24,31 @@ from llmhift.models.causal_lm import (
 )
 from llmhift.models.metrics import domain_metrics, update_llm_metric
 
-__all__ = ["LlamaConfig", "LlamaModel", "ComposerLlama", "MASK_NAMES", "rope_inverse_frequencies"]
+__all__ = [
+    "LlamaConfig",
+    "LlamaModel",
+    "ComposerLlama",
+    "MASK_NAMES",
+    "MASK_SOURCE_PREFIX",
+    "RUN_SETTINGS",
+    "architecture",
+    "same_value",
+    "rope_inverse_frequencies",
+]
 
 ATTN_IMPLS = ("sdpa", "eager", "flash_attn")
 ROPE_TYPES = ("default", "linear", "llama3")
+# LlamaConfig fields that say how a run computes, not what the weights are: a checkpoint never decides
+# them for a later run (a stored config's flash_attn or recomputation was another run's hardware choice),
+# and a run config may differ from its checkpoint in them.
+RUN_SETTINGS = ("attn_impl", "activation_checkpointing", "init_std")
 
 # Structural masks the forward understands, and the shape of each (L layers, H query heads,
 # I intermediate channels, d hidden). `layer` acts as both `head_layer` and `mlp`.
 MASK_NAMES = ("head", "head_layer", "intermediate", "mlp", "hidden", "layer")
+# Where ComposerLlama keeps its mask module (``self.mask_source``), hence the prefix of the L0 masks' keys
+# in a checkpoint's ``state.model``: the converters tell a pruning checkpoint by it.
+MASK_SOURCE_PREFIX = "mask_source."
 
 
 @dataclass
@@ -107,6 +124,22 @@ class LlamaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def architecture(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What the weights are, from a model section, a stored model config or a ``to_dict()``: its
+    LlamaConfig fields except RUN_SETTINGS (a yaml section's ``name``, ``pretrained`` and ``l0_module``
+    drop out too). The one rule by which a run config and a checkpoint's config are compared."""
+    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+    return {k: v for k, v in values.items() if k in fields and k not in RUN_SETTINGS}
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two config values agree: lists as sets (``layers_without_*`` and ``pruning_modules``: order
+    carries nothing), everything else by ``==`` (``1e5 == 100000`` and ``True == true`` alike)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return sorted(a) == sorted(b)
+    return a == b
 
 
 def rope_inverse_frequencies(config: LlamaConfig, device: torch.device | None = None) -> torch.Tensor:

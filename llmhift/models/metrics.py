@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from llmhift.models.causal_lm import IGNORE_INDEX, next_token_targets
+from llmhift.models.causal_lm import CE_METRIC, IGNORE_INDEX, next_token_targets
 
 __all__ = ["DomainCrossEntropy", "domain_metrics", "update_llm_metric", "DOMAIN_METRIC_SUFFIX"]
 
 # Composer logs each metric under its dict key, as ``metrics/<eval label>/<key>``; the suffix keeps
 # the per-domain keys next to Composer's own ``LanguageCrossEntropy`` in every logger.
-DOMAIN_METRIC_SUFFIX = "_LanguageCrossEntropy"
+DOMAIN_METRIC_SUFFIX = f"_{CE_METRIC}"
 
 
 class DomainCrossEntropy(Metric):
