@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmhift.atomic import NoSpaceError, OutputError
 from llmhift.build.config import ConfigError, TrainConfig, device_batch_sizes, load_config
-from llmhift.build.memory import ModelShape, default_world_size, estimate_run
+from llmhift.build.memory import ModelShape, count_params, default_world_size, estimate_run
 from llmhift.build.resolve import SHAPE_FIELDS, Resolution
 from llmhift.build.trainer import (
     build_algorithms,
@@ -38,7 +38,6 @@ from llmhift.build.trainer import (
     resolve_model,
 )
 from llmhift.checkpoint.run_folder import LATEST_NAME, DiskFullError
-from llmhift.models.l0_module import count_params
 
 
 def _count(params) -> int:

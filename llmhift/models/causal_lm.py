@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from torchmetrics import Metric
 
+from llmhift.labels import IGNORE_INDEX  # the datasets write it too: a base-layer name, not the model's
+
 __all__ = [
     "IGNORE_INDEX",
     "next_token_targets",
@@ -16,8 +18,6 @@ __all__ = [
     "eval_metrics",
     "transformer_flops_per_batch",
 ]
-
-IGNORE_INDEX = -100
 
 
 def next_token_targets(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
