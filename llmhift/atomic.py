@@ -28,6 +28,8 @@ import socket
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
+from llmhift.errors import UserError
+
 __all__ = [
     "MARKER_NAME",
     "NoSpaceError",
@@ -53,11 +55,11 @@ log = logging.getLogger(__name__)
 PathLike = Path | str
 
 
-class OutputError(ValueError):
+class OutputError(UserError, ValueError):
     """An output that would destroy an input or what another command wrote; one line naming both paths."""
 
 
-class NoSpaceError(OSError):
+class NoSpaceError(UserError, OSError):
     """The disk filled while writing ``out``; the temp output is gone and the old output is untouched."""
 
     def __init__(self, out: Path, needs: Optional[int]) -> None:
