@@ -1,5 +1,6 @@
 """Import layers (DESIGN.md): a module imports only its own layer and the layers below it, plus the pairs
-that must stay apart. Every import counts, lazy ones inside functions included, so the next break fails CI."""
+that must stay apart. Every import counts, lazy ones inside functions included, so the next break fails CI.
+Also: the old documented paths (llmhift.utils.*, llmhift.builders) still work after the re-layout."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from llmhift.convert import compare_logits, composer_to_hf, post_pruning
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED = ["llmhift", "train.py", "scripts", "bench"]
@@ -130,3 +133,30 @@ def test_downward_imports_pass():
     source = ("from llmhift.models.llama import ComposerLlama\nfrom llmhift.checkpoint.io import LLMHIFT_KEY\n"
               "from llmhift import errors\nfrom . import pruning\nimport torch\n")
     assert violations(source, "llmhift/callbacks/planted.py") == []
+
+
+# The commands README documented under llmhift.utils before the re-layout, with a bad input for each.
+OLD_COMMANDS = [
+    ("llmhift.utils.composer_to_hf", composer_to_hf.main, ["save_composer_to_hf", "missing.pt", "out"]),
+    ("llmhift.utils.post_pruning_processing", post_pruning.main, ["prune_and_save_model", "missing.pt"]),
+    ("llmhift.utils.test_composer_hf_eq", compare_logits.main, ["missing_hf", "missing.pt"]),
+]
+
+
+@pytest.mark.parametrize(("old", "main", "args"), OLD_COMMANDS, ids=[old for old, _, _ in OLD_COMMANDS])
+def test_old_command_paths_run_the_moved_commands(tmp_path, monkeypatch, capsys, old, main, args):
+    monkeypatch.chdir(tmp_path)  # the relative paths name nothing there
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1, error
+    run = subprocess.run([sys.executable, "-m", old, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert (run.returncode, run.stderr) == (2, error)
+
+
+def test_old_builders_names_are_the_build_packages():
+    from llmhift.build.parallel import average_gloo_fsdp2_gradients
+    from llmhift.build.trainer import build_trainer
+    from llmhift.builders import average_gloo_fsdp2_gradients as old_average
+    from llmhift.builders import build_trainer as old_build
+
+    assert (old_average, old_build) == (average_gloo_fsdp2_gradients, build_trainer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -34,11 +35,13 @@ def max_logit_difference(
 ) -> float:
     """Max |HF logits - ComposerLlama logits| on one seeded random batch; ``overrides`` complete the
     checkpoint's config as in ``save_composer_to_hf``."""
+    if not (Path(hf_dir) / "config.json").is_file():  # else transformers reads the path as a Hub repo id
+        raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
+    config, weights, _ = load_llama_checkpoint(checkpoint, overrides)  # memory-mapped: checked before HF loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf = AutoModelForCausalLM.from_pretrained(
         hf_dir, local_files_only=True, dtype=torch.float32, attn_implementation="eager"
     )
-    config, weights, _ = load_llama_checkpoint(checkpoint, overrides)
     config.attn_impl = "eager"
     ours = ComposerLlama(config)
     ours.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
