@@ -14,7 +14,9 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# Lint first (pyproject's ruff rules; seconds), then the tests, tests/test_layers.py's import-layer check included.
 test: install
+	$(PY) -m ruff check llmhift tests train.py scripts bench
 	$(PY) -m pytest -q tests
 
 # The whole pipeline in miniature (scripts/demo_pipeline.py prints every command it runs): demo data,

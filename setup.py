@@ -19,7 +19,8 @@ install_requires = [
 ]
 
 extras_require = {
-    "test": ["pytest>=8", "pytest-timeout", "peft>=0.17,<0.19"],
+    # ruff is pinned: `make test` runs it, and its rules and import sorting move between releases.
+    "test": ["pytest>=8", "pytest-timeout", "peft>=0.17,<0.19", "ruff==0.17.6"],
     "peft": ["peft>=0.17,<0.19"],  # HiFT over LoRA adapters
     "gpu": ["flash-attn>=2.5"],
 }

@@ -20,9 +20,8 @@ from composer.core import Time
 from composer.utils import dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from llmhift.atomic import NoSpaceError, OutputError
 from llmhift.build.config import ConfigError, TrainConfig, device_batch_sizes, load_config
-from llmhift.build.memory import ModelShape, default_world_size, estimate_run
+from llmhift.build.memory import ModelShape, count_params, default_world_size, estimate_run
 from llmhift.build.resolve import SHAPE_FIELDS, Resolution
 from llmhift.build.trainer import (
     build_algorithms,
@@ -38,7 +37,7 @@ from llmhift.build.trainer import (
     resolve_model,
 )
 from llmhift.checkpoint.run_folder import LATEST_NAME, DiskFullError
-from llmhift.models.l0_module import count_params
+from llmhift.errors import cli_errors
 
 
 def _count(params) -> int:
@@ -134,6 +133,7 @@ def _zero_duration(max_duration: str) -> bool:
         return False
 
 
+@cli_errors(DiskFullError)  # and every UserError: a bad yaml, a refused output, a full disk
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("yaml")
@@ -148,16 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # --dry-run may come anywhere among the overrides
     if args.world_size < 1:
         parser.error(f"--world-size: must be a positive number of ranks, got {args.world_size}")
-    try:
-        config = load_config(args.yaml, args.overrides)
-        if args.dry_run:
-            dry_run(config, args.world_size)
-            return 0
-        eval_only = args.eval_only or _zero_duration(config.max_duration)
-        trainer = build_trainer(config, eval_only=eval_only)
-    except (ConfigError, OutputError, NoSpaceError) as err:  # the last two: a callback's folder (HiFT offload_dir)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.yaml, args.overrides)
+    if args.dry_run:
+        dry_run(config, args.world_size)
+        return 0
+    eval_only = args.eval_only or _zero_duration(config.max_duration)
+    trainer = build_trainer(config, eval_only=eval_only)
     if eval_only:
         trainer.eval()
         if dist.get_global_rank() == 0:  # the loggers hold every metric; the console gets a summary
@@ -176,12 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if config.eval_first and int(trainer.state.timestamp.batch) == 0:
             trainer.eval()
-        trainer.fit()
-    except (DiskFullError, NoSpaceError) as err:  # a checkpoint, or HiFT's parked optimizer state
-        print(f"error: {err}", file=sys.stderr)
-        trainer.close()
-        return 2
-    trainer.close()  # unlocks the save folder now, not at the process's exit (in-process callers, tests)
+        trainer.fit()  # a full disk (a checkpoint, HiFT's parked optimizer state) ends in main's one error line
+    finally:
+        trainer.close()  # unlocks the save folder now, not at the process's exit (in-process callers, tests)
     if config.save_folder and "://" not in config.save_folder and dist.get_global_rank() == 0:
         folder = Path(config.save_folder.format(run_name=config.run_name))
         print(f"checkpoint: {folder / LATEST_NAME.format(rank=0)}")

@@ -28,6 +28,8 @@ import socket
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
+from llmhift.errors import UserError
+
 __all__ = [
     "MARKER_NAME",
     "NoSpaceError",
@@ -54,11 +56,11 @@ log = logging.getLogger(__name__)
 PathLike = Path | str
 
 
-class OutputError(ValueError):
+class OutputError(UserError, ValueError):
     """An output that would destroy an input or what another command wrote; one line naming both paths."""
 
 
-class NoSpaceError(OSError):
+class NoSpaceError(UserError, OSError):
     """The disk filled while writing ``out``; the temp output is gone and the old output is untouched.
 
     Every llmhift writer raises this one class (a checkpoint too: ``checkpoint.run_folder.DiskFullError``

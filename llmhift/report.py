@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from llmhift.atomic import OutputError, atomic_directory  # noqa: E402
+from llmhift.atomic import atomic_directory  # noqa: E402
 from llmhift.callbacks.dynamic_loading import PROPORTION_KEY  # noqa: E402
 from llmhift.callbacks.pruning import (  # noqa: E402
     EXPECTED_PARAMS_KEY,
@@ -23,6 +23,7 @@ from llmhift.callbacks.pruning import (  # noqa: E402
     TARGET_PARAMS_KEY,
     TARGET_SPARSITY_KEY,
 )
+from llmhift.errors import cli_errors  # noqa: E402
 from llmhift.loggers import THROUGHPUT_KEY, TRAIN_LOSS_KEY, metric_key  # noqa: E402
 from llmhift.models.causal_lm import CE_METRIC  # noqa: E402
 from llmhift.models.metrics import DOMAIN_METRIC_SUFFIX  # noqa: E402
@@ -295,18 +296,14 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     return out / "report.md"
 
 
+@cli_errors(OSError)  # FileNotFoundError included
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmhift.report", description=__doc__)
     parser.add_argument("run_dir", help="a folder holding one or more runs' metrics.jsonl (searched recursively)")
     parser.add_argument("--out", help="a new folder, or a previous report's, for the plots and report.md "
                         "(default RUN_DIR/report)")
     args = parser.parse_args(argv)
-    try:
-        report = write_report(args.run_dir, args.out)
-    except (OutputError, OSError) as err:  # FileNotFoundError included
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {report}")
+    print(f"report: {write_report(args.run_dir, args.out)}")
     return 0
 
 

@@ -46,7 +46,8 @@ from torch import nn
 from llmhift.build.parallel import RESHARD_AFTER_FORWARD, fsdp_version, parallelism_config
 from llmhift.build.trainer import build_callbacks
 from llmhift.callbacks.hift import HiFTCallback
-from llmhift.models.hf_causal_lm import _D_MODEL_NAMES, _N_LAYERS_NAMES
+from llmhift.models.hf_causal_lm import D_MODEL_NAMES, N_LAYERS_NAMES
+from llmhift.models.l0_module import count_params  # the dry run's source and target sizes
 from llmhift.models.llama import LlamaConfig
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "state_bytes",
     "estimate_run",
     "default_world_size",
+    "count_params",
 ]
 
 GiB = 2**30
@@ -93,12 +95,12 @@ class ModelShape:
         (``n_embd``, ``n_layer``, ``n_head``, ``n_inner``) or OPT's (``ffn_dim``). The activation formula
         is LLaMA's (RMSNorm, SwiGLU), so for other families the figure is an approximation. Raises
         ValueError naming a dimension the config gives under none of these names."""
-        d = _hf_dimension(config, _D_MODEL_NAMES)
+        d = _hf_dimension(config, D_MODEL_NAMES)
         heads = _hf_dimension(config, ("num_attention_heads", "n_head"))
         intermediate_names = ("intermediate_size", "ffn_dim", "n_inner")
         # GPT-2 and GPT-J declare n_inner (GPT-Neo intermediate_size) as None for their 4 x d MLP.
         default = 4 * d if any(hasattr(config, name) for name in intermediate_names) else None
-        return cls(d, _hf_dimension(config, _N_LAYERS_NAMES), heads,
+        return cls(d, _hf_dimension(config, N_LAYERS_NAMES), heads,
                    getattr(config, "num_key_value_heads", None) or heads,
                    getattr(config, "head_dim", None) or d // heads,
                    _hf_dimension(config, intermediate_names, default), _hf_dimension(config, ("vocab_size",)))

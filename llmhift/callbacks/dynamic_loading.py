@@ -10,8 +10,8 @@ import numpy as np
 from composer import Callback, State
 from composer.loggers import Logger
 
-from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
 from llmhift.loggers import EVAL_LABEL
+from llmhift.mixture import DomainMixDataset, check_proportion
 from llmhift.models.metrics import DOMAIN_METRIC_SUFFIX
 
 __all__ = ["DynamicLoadingCallback", "doremi_update", "UPDATE_TYPES", "PROPORTION_KEY", "EXCESS_LOSS_KEY"]
@@ -119,15 +119,16 @@ class DynamicLoadingCallback(Callback):
         self.target_loss = [float(t) for t in target_loss]
         self.update_type, self.eta, self.smoothing, self.eval_label = update_type, eta, smoothing, eval_label
         self.history: list[dict[str, Any]] = []  # one entry per update: first sample, losses, proportions
-        self._dataset: DynamicStreamingDataset | None = None
+        self._dataset: DomainMixDataset | None = None
         self._order: list[int] = []  # dataset domain i is set_names[_order[i]]
 
-    def _attach(self, state: State) -> DynamicStreamingDataset:
+    def _attach(self, state: State) -> DomainMixDataset:
         dataset = getattr(state.train_dataloader, "dataset", None)
-        if not isinstance(dataset, DynamicStreamingDataset):
+        if not isinstance(dataset, DomainMixDataset):
             raise TypeError(
-                f"callbacks.data_loading needs the train loader to read a DynamicStreamingDataset, got "
-                f"{type(dataset).__name__}; set `train_loader.name: dynamic`"
+                f"callbacks.data_loading needs the train loader to read a DynamicStreamingDataset (or a dataset "
+                f"with llmhift.mixture.DomainMixDataset's members), got {type(dataset).__name__}; "
+                "set `train_loader.name: dynamic`"
             )
         missing = [d for d in self.set_names if d not in dataset.domains]
         extra = [d for d in dataset.domains if d not in self.set_names]

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmhift.convert.composer_to_hf import load_llama_checkpoint, parse_overrides
+from llmhift.convert.common import parse_overrides
+from llmhift.convert.composer_to_hf import load_llama_checkpoint
+from llmhift.errors import cli_errors
 from llmhift.models.hf_adapter import ConversionError
 from llmhift.models.llama import ComposerLlama
 
@@ -32,11 +35,13 @@ def max_logit_difference(
 ) -> float:
     """Max |HF logits - ComposerLlama logits| on one seeded random batch; ``overrides`` complete the
     checkpoint's config as in ``save_composer_to_hf``."""
+    if not (Path(hf_dir) / "config.json").is_file():  # else transformers reads the path as a Hub repo id
+        raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
+    config, weights, _ = load_llama_checkpoint(checkpoint, overrides)  # memory-mapped: checked before HF loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf = AutoModelForCausalLM.from_pretrained(
         hf_dir, local_files_only=True, dtype=torch.float32, attn_implementation="eager"
     )
-    config, weights, _ = load_llama_checkpoint(checkpoint, overrides)
     config.attn_impl = "eager"
     ours = ComposerLlama(config)
     ours.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
@@ -51,6 +56,7 @@ def max_logit_difference(
     return (expected - actual).abs().max().item()
 
 
+@cli_errors(OSError)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmhift.convert.compare_logits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,12 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="model config fields, as for composer_to_hf")
     args = parser.parse_args(argv)
-    try:
-        overrides = parse_overrides(args.overrides)
-        difference = max_logit_difference(args.hf_dir, args.checkpoint, args.seq_len, overrides=overrides)
-    except (ConversionError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    overrides = parse_overrides(args.overrides)
+    difference = max_logit_difference(args.hf_dir, args.checkpoint, args.seq_len, overrides=overrides)
     verdict = "OK" if difference <= args.tol else "MISMATCH"
     print(f"max |logits difference| = {difference:.3e} (tolerance {args.tol:.0e}): {verdict}")
     return 0 if difference <= args.tol else 1

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import yaml
 
-from llmhift.atomic import OutputError, atomic_directory, atomic_file, check_destination, check_inputs
+from llmhift.atomic import atomic_directory, atomic_file, check_destination, check_inputs
 from llmhift.checkpoint.io import (
     GENERATION_CONFIG_KEY,
     HF_CONFIG_KEY,
@@ -39,6 +38,8 @@ from llmhift.checkpoint.io import (
     tokenizer_files,
     write_hf_weights,
 )
+from llmhift.convert.common import file_written_by, parse_overrides, save_torch_file
+from llmhift.errors import cli_errors
 from llmhift.models.hf_adapter import (
     ConversionError,
     check_state_dict_matches,
@@ -54,30 +55,6 @@ __all__ = ["save_hf_to_composer", "save_composer_to_hf", "load_llama_checkpoint"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TO_COMPOSER, TO_HF = "save_hf_to_composer", "save_composer_to_hf"  # also the commands' output markers
-
-
-def file_written_by(path: Path, command: str) -> bool:
-    """Whether ``path`` is a weights-only file that ``command`` wrote: ``state.model`` and llmhift
-    metadata naming it, nothing else. The shape test keeps a training checkpoint that inherited the
-    metadata from its source from ever counting as one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a torch file at all (torch raises several types): someone else's
-        return False
-    return (
-        isinstance(checkpoint, dict)
-        and set(checkpoint) == {"state", LLMHIFT_KEY}
-        and set(checkpoint["state"]) == {"model"}
-        and isinstance(checkpoint[LLMHIFT_KEY], dict)
-        and checkpoint[LLMHIFT_KEY].get(WRITTEN_BY) == command
-    )
-
-
-def save_torch_file(obj: Any, path: Path) -> None:
-    """``torch.save`` through a Python file, so that a full disk surfaces as ``OSError(ENOSPC)`` (given a
-    path, torch's C++ writer reports only "file write failed")."""
-    with path.open("wb") as f:
-        torch.save(obj, f)
 
 
 def save_hf_to_composer(hf_dir: str | Path, out_path: str | Path, overwrite: bool = False) -> Path:
@@ -173,17 +150,7 @@ def save_composer_to_hf(
     return Path(out_dir)
 
 
-def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` words -> a dict, values read as YAML so numbers, booleans and dicts keep their type."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConversionError(f"expected key=value, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
+@cli_errors(OSError, TypeError)  # TypeError: an override that is no parameter of the command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmhift.convert.composer_to_hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,18 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     to_hf.add_argument("out_dir")
     to_hf.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    try:
-        overrides = parse_overrides(args.overrides)
-        if args.command == "save_hf_to_composer":
-            unknown = set(overrides) - {"overwrite"}
-            if unknown:
-                raise ConversionError(f"save_hf_to_composer takes only overwrite=..., not {sorted(unknown)}")
-            out = save_hf_to_composer(args.hf_dir, args.out_path, **overrides)
-        else:
-            out = save_composer_to_hf(args.checkpoint, args.out_dir, **overrides)
-    except (ConversionError, OutputError, OSError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    overrides = parse_overrides(args.overrides)
+    if args.command == "save_hf_to_composer":
+        unknown = set(overrides) - {"overwrite"}
+        if unknown:
+            raise ConversionError(f"save_hf_to_composer takes only overwrite=..., not {sorted(unknown)}")
+        out = save_hf_to_composer(args.hf_dir, args.out_path, **overrides)
+    else:
+        out = save_composer_to_hf(args.checkpoint, args.out_dir, **overrides)
     print(f"wrote {out}")
     return 0
 

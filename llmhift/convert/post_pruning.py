@@ -37,7 +37,8 @@ from llmhift.checkpoint.io import (
     load_checkpoint,
     model_state_dict,
 )
-from llmhift.convert.composer_to_hf import file_written_by, parse_overrides, save_torch_file
+from llmhift.convert.common import file_written_by, parse_overrides, save_torch_file
+from llmhift.errors import cli_errors
 from llmhift.models.hf_adapter import ConversionError, updated_hf_config
 from llmhift.models.l0_module import L0Module, mask_shapes
 from llmhift.models.llama import MASK_SOURCE_PREFIX, LlamaConfig
@@ -177,6 +178,7 @@ def prune_and_save_model(
     return out
 
 
+@cli_errors(OSError, ValueError)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmhift.convert.post_pruning", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,17 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prune.add_argument("checkpoint")
     prune.add_argument("overrides", nargs="*", metavar="config=PATH | overwrite=true")
     args = parser.parse_args(argv)
-    try:
-        options = parse_overrides(args.overrides)
-        unknown = sorted(set(options) - {"config", "overwrite"})
-        if unknown:
-            raise ConversionError(f"prune_and_save_model takes config=PATH and overwrite=true, not {unknown}")
-        if "config" in options:
-            options["config"] = str(options["config"])
-        out = prune_and_save_model(args.checkpoint, **options)
-    except (ConversionError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    options = parse_overrides(args.overrides)
+    unknown = sorted(set(options) - {"config", "overwrite"})
+    if unknown:
+        raise ConversionError(f"prune_and_save_model takes config=PATH and overwrite=true, not {unknown}")
+    if "config" in options:
+        options["config"] = str(options["config"])
+    out = prune_and_save_model(args.checkpoint, **options)
     print(f"wrote {out}")
     return 0
 

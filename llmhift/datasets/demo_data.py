@@ -50,6 +50,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llmhift.atomic import atomic_directory
 from llmhift.datasets.prepare import MANIFEST_NAME, SPLITS, prepare_dataset
+from llmhift.errors import cli_errors
 
 __all__ = ["DOMAINS", "EOS_TOKEN", "MARKER_NAME", "build_demo_data", "ensure_demo_data", "main", "train_tokenizer"]
 
@@ -262,6 +263,7 @@ def ensure_demo_data(out_dir: Path | str, max_seq_len: int = 128, vocab_size: in
     return build_demo_data(out_dir, max_seq_len=max_seq_len, vocab_size=vocab_size, overwrite=False)
 
 
+@cli_errors(ValueError, OSError)
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input)."""
     parser = argparse.ArgumentParser(prog="python -m llmhift.datasets.demo_data", description=__doc__.splitlines()[0])
@@ -270,11 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (default 2048)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if OUT_DIR is complete")
     args = parser.parse_args(argv)
-    try:
-        out_dir = build_demo_data(args.out_dir, args.max_seq_len, args.vocab_size, args.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out_dir = build_demo_data(args.out_dir, args.max_seq_len, args.vocab_size, args.overwrite)
     manifest = json.loads((out_dir / "mds" / MANIFEST_NAME).read_text())
     for split in SPLITS:
         for name, stats in manifest["splits"][split].items():

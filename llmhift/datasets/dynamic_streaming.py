@@ -14,23 +14,12 @@ from streaming.base.storage.download import CloudDownloader
 from torch.utils.data import IterableDataset, get_worker_info
 
 from llmhift.atomic import atomic_replace
+from llmhift.mixture import check_proportion
 
 __all__ = ["DynamicStreamingDataset", "check_proportion"]
 
 _BLOCK = 4096  # global samples per seeded block of domain draws (any fixed size works; it is part of the seed)
 _DRAW_STREAM, _SHUFFLE_STREAM = 0, 1  # keep the two random streams of one seed apart
-
-
-def check_proportion(proportion: Sequence[float], domains: Sequence[str], what: str = "proportion") -> list[float]:
-    """``proportion`` as floats, or a ValueError naming ``what``: one non-negative value per domain, sum 1."""
-    values = [float(p) for p in proportion]
-    if len(values) != len(domains):
-        raise ValueError(f"{what}: {len(values)} values for {len(domains)} domains {list(domains)}")
-    if any(not np.isfinite(p) or p < 0 for p in values):
-        raise ValueError(f"{what}: values must be finite and non-negative, got {values}")
-    if abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(f"{what}: values must sum to 1, got {values} (sum {sum(values):.6g})")
-    return values
 
 
 def _fetch(remote: str, local: Path) -> None:

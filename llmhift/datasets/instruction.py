@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llmhift.atomic import atomic_directory
-from llmhift.models.causal_lm import IGNORE_INDEX
+from llmhift.labels import IGNORE_INDEX
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",

@@ -58,6 +58,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llmhift.atomic import atomic_directory, check_destination, check_inputs
+from llmhift.errors import UserError, cli_errors
 
 __all__ = [
     "MANIFEST_NAME",
@@ -79,7 +80,7 @@ _BLANK_LINES = re.compile(r"\n\s*\n")
 _TOKENIZE_BATCH = 256  # documents per fast-tokenizer call: large enough for its Rust threads
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """Bad input (settings, files, tokenizer); the CLI prints it as one ``error:`` line."""
 
 
@@ -344,6 +345,7 @@ def _parse_domains(args: list[str]) -> dict[str, str]:
     return domains
 
 
+@cli_errors(ValueError, OSError)
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input, as argparse does)."""
     parser = argparse.ArgumentParser(
@@ -359,20 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a previous output of this command")
     parser.add_argument("domains", nargs="+", metavar="DOMAIN=PATH", help="a .txt/.jsonl file or a folder of them")
     args = parser.parse_args(argv)
-    try:
-        manifest = prepare_dataset(
-            _parse_domains(args.domains),
-            tokenizer_dir=args.tokenizer,
-            out=args.out,
-            max_seq_len=args.max_seq_len,
-            eval_fraction=args.eval_fraction,
-            text_field=args.text_field,
-            seed=args.seed,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    manifest = prepare_dataset(
+        _parse_domains(args.domains),
+        tokenizer_dir=args.tokenizer,
+        out=args.out,
+        max_seq_len=args.max_seq_len,
+        eval_fraction=args.eval_fraction,
+        text_field=args.text_field,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     print(f"{'split':<6} {'domain':<16} {'documents':>10} {'samples':>10} {'tokens':>12}")
     for split in SPLITS:
         for name, stats in manifest["splits"][split].items():

@@ -11,10 +11,12 @@ import torch
 from streaming import Stream, StreamingDataset
 from torch.utils.data import Dataset
 
+from llmhift.errors import UserError
+
 __all__ = ["DataFolderError", "find_domains", "check_shards", "sequence_length", "MultiDomainTextDataset", "EverySample"]
 
 
-class DataFolderError(ValueError):
+class DataFolderError(UserError, ValueError):
     """A data folder that is missing, empty, or lacks a requested domain."""
 
 

@@ -12,6 +12,8 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
+from llmhift.labels import IGNORE_INDEX  # the datasets write it too: a base-layer name, not the model's
+
 __all__ = [
     "IGNORE_INDEX",
     "CE_METRIC",
@@ -22,7 +24,6 @@ __all__ = [
     "unwrap_model",
 ]
 
-IGNORE_INDEX = -100
 # The name of the token cross-entropy among the eval metrics, and so in Composer's logged key.
 CE_METRIC = "LanguageCrossEntropy"
 

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
+from llmhift.errors import UserError
 from llmhift.models.llama import LlamaConfig, LlamaModel
 
 __all__ = [
@@ -24,7 +25,7 @@ __all__ = [
 ]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint or config that cannot be converted; the message names the key and the fix."""
 
 

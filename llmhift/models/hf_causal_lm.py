@@ -14,10 +14,12 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from llmhift.models.causal_lm import causal_lm_loss, eval_metrics, next_token_targets, transformer_flops_per_batch
 from llmhift.models.metrics import domain_metrics, update_llm_metric
 
-__all__ = ["ComposerHFCausalLM"]
+__all__ = ["ComposerHFCausalLM", "N_LAYERS_NAMES", "D_MODEL_NAMES"]
 
-_N_LAYERS_NAMES = ("num_hidden_layers", "n_layer", "num_layers")
-_D_MODEL_NAMES = ("hidden_size", "n_embd", "d_model")
+# The config attributes that hold the depth and width across HF families (llama, GPT-2, ...); the memory
+# estimate reads the same ones.
+N_LAYERS_NAMES = ("num_hidden_layers", "n_layer", "num_layers")
+D_MODEL_NAMES = ("hidden_size", "n_embd", "d_model")
 
 
 class ComposerHFCausalLM(ComposerModel):
@@ -70,8 +72,8 @@ class ComposerHFCausalLM(ComposerModel):
         self.tokenizer = tokenizer
         self.train_metrics = train_metrics
         self.eval_domains = list(eval_domains)
-        self.n_layers = _config_int(model.config, _N_LAYERS_NAMES)
-        self.d_model = _config_int(model.config, _D_MODEL_NAMES)
+        self.n_layers = _config_int(model.config, N_LAYERS_NAMES)
+        self.d_model = _config_int(model.config, D_MODEL_NAMES)
         # Counted here, not per batch: under FSDP the parameters are flattened and sharded later.
         self.matmul_params = _matmul_param_count(model)
         _mark_blocks_for_fsdp(model)
