@@ -44,7 +44,7 @@ from llmhift.datasets.text import DataFolderError, EverySample, MultiDomainTextD
 from llmhift.loggers import EVAL_LABEL, JsonlLogger
 from llmhift.models.hf_adapter import ConversionError, infer_llama_config
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
-from llmhift.models.l0_module import L0Module
+from llmhift.models.l0_module import L0Module, pruning_param_groups
 from llmhift.models.llama import ComposerLlama, LlamaConfig
 
 __all__ = [
@@ -245,6 +245,9 @@ def build_l0_module(config: TrainConfig) -> L0Module | None:
         raise ConfigError("model.l0_module: needs callbacks.pruning ({} is enough), which drives the masks")
     if config.optimizer.lag_lr is None:
         raise ConfigError("optimizer.lag_lr: required with model.l0_module (learning rate of the masks, e.g. 1.0)")
+    if not config.optimizer.lag_lr > 0:
+        raise ConfigError(f"optimizer.lag_lr: must be positive, got {config.optimizer.lag_lr} (the masks' "
+                          "learning rate, e.g. 1.0; the Lagrange multipliers take its negative)")
     try:
         return L0Module.from_dict(build_llama_config(config.model), {"seed": config.seed, **section})
     except (TypeError, ValueError) as err:
@@ -393,29 +396,13 @@ def build_optimizer(config: TrainConfig, model: ComposerModel) -> torch.optim.Op
     opt = config.optimizer
     params: list[Any] = [p for p in model.parameters() if p.requires_grad]
     if isinstance(getattr(model, "mask_source", None), L0Module):
-        params = _pruning_param_groups(model, opt.lag_lr)
+        params = pruning_param_groups(model, opt.lag_lr)
     kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.name == "decoupled_adamw":
         return DecoupledAdamW(params, **kwargs)
     if opt.name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     raise ConfigError(f"optimizer.name: {opt.name!r} is not one of {OPTIMIZERS}")
-
-
-def _pruning_param_groups(model: ComposerModel, lag_lr: float) -> list[dict[str, Any]]:
-    """Model weights at ``lr``; mask log-alphas at ``lag_lr``; lambdas at ``-lag_lr`` (gradient ascent).
-    ``fixed_lr`` tells PruningCallback to hold a group at that rate whatever the LR schedule does.
-    Under FSDP2 Composer swaps each parameter for its sharded DTensor by name and keeps every other
-    key of its group, so the three groups and their rates survive sharding."""
-    l0 = model.mask_source
-    lambdas = [*l0.lambda_1.values(), *l0.lambda_2.values()]
-    own = {id(p) for p in l0.parameters()}
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
-    return [
-        {"params": weights},
-        {"params": list(l0.z_loga.values()), "lr": lag_lr, "fixed_lr": lag_lr, "weight_decay": 0.0},
-        {"params": lambdas, "lr": -lag_lr, "fixed_lr": -lag_lr, "weight_decay": 0.0},
-    ]
 
 
 def build_scheduler(config: TrainConfig) -> ComposerScheduler:

@@ -151,8 +151,33 @@ class DynamicLoadingCallback(Callback):
     def _log_weights(self, logger: Logger) -> None:
         logger.log_metrics({PROPORTION_KEY.format(d): p for d, p in zip(self.set_names, self._current())})
 
+    def _check_eval(self, state: State) -> None:
+        """The evaluator this callback reads must exist and give a loss per domain: otherwise the mix
+        would silently never move, or the run would fail at its first evaluation."""
+        if self.update_type == "constant":
+            return
+        evaluator = next((e for e in state.evaluators if e.label == self.eval_label), None)
+        if evaluator is None:
+            warnings.warn(
+                f"DynamicLoadingCallback: no evaluator {self.eval_label!r} (have "
+                f"{[e.label for e in state.evaluators]}), so the mix stays at its initial proportions; pass "
+                f"eval_dataloader=Evaluator(label={self.eval_label!r}, ...) or set update_type='constant'",
+                stacklevel=2,
+            )
+            return
+        model = getattr(state.model, "module", state.model)  # DDP wraps the ComposerModel
+        metrics = model.get_metrics(is_train=False)
+        missing = [d for d in self.set_names if f"{d}{DOMAIN_METRIC_SUFFIX}" not in metrics]
+        if missing:
+            raise ValueError(
+                f"DynamicLoadingCallback: the model has no per-domain eval loss for {missing} (metric "
+                f"<domain>{DOMAIN_METRIC_SUFFIX}); build it with eval_domains={self.set_names} in the eval "
+                "data's domain order, e.g. ComposerLlama(config, eval_domains=domains)"
+            )
+
     def fit_start(self, state: State, logger: Logger) -> None:
         dataset = self._attach(state)
+        self._check_eval(state)
         if int(state.timestamp.sample) == 0 and not self.history:
             dataset.set_proportion([self.proportion[j] for j in self._order], num_samples=0)
         self._log_weights(logger)

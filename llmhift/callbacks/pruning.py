@@ -9,7 +9,7 @@ from composer import Callback, Logger, State
 from composer.utils.parallelism import FSDPConfig
 
 from llmhift.models.causal_lm import unwrap_model
-from llmhift.models.l0_module import L0Module
+from llmhift.models.l0_module import HELD_LR_KEY, L0Module
 
 __all__ = ["PruningCallback", "LM_LOSS", "EXPECTED_SPARSITY_KEY", "TARGET_SPARSITY_KEY", "EXPECTED_PARAMS_KEY",
            "TARGET_PARAMS_KEY"]
@@ -33,13 +33,38 @@ def _l0_module(state: State) -> L0Module:
 
 
 def _hold_fixed_lrs(state: State) -> None:
-    """Undoes the LR schedule on groups marked ``fixed_lr`` (Composer scales every group alike)."""
+    """Undoes the LR schedule on groups marked ``HELD_LR_KEY`` (Composer scales every group alike)."""
     for optimizer in state.optimizers:
         for group in optimizer.param_groups:
-            if "fixed_lr" in group:
-                group["lr"] = group["fixed_lr"]
+            if HELD_LR_KEY in group:
+                group["lr"] = group[HELD_LR_KEY]
 
 
+def _optimizer_problem(state: State, l0: L0Module) -> str | None:
+    """The first way the optimizers' groups differ from :func:`pruning_param_groups`'s, or None.
+
+    Checked by identity against the module's parameters as they are at FIT_START: under FSDP2 the
+    groups then hold the same sharded DTensors as the module, and on resume the loaded groups.
+    """
+    roles = {id(p): (f"z_loga.{name}", 1) for name, p in l0.z_loga.items()}
+    for prefix, table in (("lambda_1", l0.lambda_1), ("lambda_2", l0.lambda_2)):
+        roles.update({id(p): (f"{prefix}.{name}", -1) for name, p in table.items()})
+    unseen = {name for name, _ in roles.values()}
+    for optimizer in state.optimizers:
+        for group in optimizer.param_groups:
+            held = group.get(HELD_LR_KEY)
+            for param in group["params"]:
+                if id(param) not in roles:
+                    continue
+                name, sign = roles[id(param)]
+                unseen.discard(name)
+                if held is None:
+                    return f"{name} is in a group the LR schedule scales"
+                if not held * sign > 0:
+                    return f"{name} is held at {held}, needs a {'positive' if sign > 0 else 'negative'} rate"
+    if unseen:
+        return f"{sorted(unseen)[0]} is in no optimizer group"
+    return None
 class PruningCallback(Callback):
     """Targeted structured pruning (Sheared-LLaMA) with the model's :class:`L0Module`.
 
@@ -49,6 +74,9 @@ class PruningCallback(Callback):
     Lagrangian penalty, so the masks move toward the target and the lambdas, trained by gradient
     ascent, tighten the constraint. After each optimizer step the log-alphas are clamped into range.
     Evaluation uses the L0 module's deterministic masks (``eval_target_model`` picks the exact target).
+    The optimizer's groups come from :func:`~llmhift.models.l0_module.pruning_param_groups`; at
+    FIT_START the callback refuses any other layout (say, AdamW over ``model.parameters()``, which
+    would schedule the masks and descend on the lambdas: a run that trains, but does not prune).
     Masks and lambdas are model parameters, checkpointed with it; the step is this callback's state.
 
     FSDP: FSDP2 (train.py's default) shards the L0 module with the model (Composer wraps each child of
@@ -63,8 +91,10 @@ class PruningCallback(Callback):
     Example:
         >>> from composer import Trainer
         >>> l0 = L0Module(config, {"n_heads": 2, "n_layers": 3}, ["head", "layer"])
-        >>> trainer = Trainer(model=ComposerLlama(config, mask_source=l0), optimizers=pruning_optimizer,
-        ...                   train_dataloader=loader, callbacks=[PruningCallback()])  # doctest: +SKIP
+        >>> model = ComposerLlama(config, mask_source=l0)
+        >>> optimizer = DecoupledAdamW(pruning_param_groups(model, lag_lr=1.0), lr=3e-3)
+        >>> trainer = Trainer(model=model, optimizers=optimizer, train_dataloader=loader,
+        ...                   callbacks=[PruningCallback()])  # doctest: +SKIP
 
     +---------------------------------------------+---------------------------------------------------+
     | Key                                         | Logged value                                      |
@@ -98,7 +128,13 @@ class PruningCallback(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         del logger  # unused
-        _l0_module(state).set_step(self.step)
+        l0 = _l0_module(state)
+        problem = _optimizer_problem(state, l0)
+        if problem is not None:
+            raise ValueError(f"PruningCallback: the optimizer does not train the L0 masks as pruning needs "
+                             f"({problem}); build it from llmhift.models.l0_module.pruning_param_groups(model, lag_lr), e.g. "
+                             "DecoupledAdamW(pruning_param_groups(model, lag_lr=1.0), lr=...)")
+        l0.set_step(self.step)
 
     def batch_start(self, state: State, logger: Logger) -> None:
         del logger  # unused

@@ -13,7 +13,16 @@ from torch.distributed.fsdp import FSDPModule
 
 from llmhift.models.llama import MASK_NAMES, LlamaConfig, LlamaModel
 
-__all__ = ["L0Module", "PRUNING_MODULES", "TARGET_KEYS", "parse_steps", "count_params", "mask_shapes"]
+__all__ = [
+    "L0Module",
+    "PRUNING_MODULES",
+    "TARGET_KEYS",
+    "HELD_LR_KEY",
+    "parse_steps",
+    "count_params",
+    "mask_shapes",
+    "pruning_param_groups",
+]
 
 PRUNING_MODULES = ("head", "head_layer", "intermediate", "mlp", "hidden", "layer")
 TARGET_KEYS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "intermediate_size")
@@ -23,6 +32,10 @@ LIMIT_A, LIMIT_B, EPS, BETA = -0.1, 1.1, 1e-6, 2.0 / 3.0
 # Bounds on log-alpha: keeps every gate's open-probability in a range where its gradient lives.
 LOGA_MIN, LOGA_MAX = math.log(1e-2), math.log(1e2)
 LOGA_INIT_MEAN, LOGA_INIT_STD = 5.0, 0.01
+# Optimizer-group key of a learning rate the LR schedule must not scale: PruningCallback puts it back
+# into the group's ``lr`` at every batch (Composer's schedulers scale every group alike). The value is
+# the key checkpoints already hold, so their optimizer groups resume as they were saved.
+HELD_LR_KEY = "fixed_lr"
 
 
 def parse_steps(value: int | str, key: str) -> int:
@@ -362,3 +375,37 @@ class L0Module(nn.Module):
         each rank clamps its own shard."""
         for z in self.z_loga.values():
             z.clamp_(LOGA_MIN, LOGA_MAX)
+
+
+def pruning_param_groups(model: nn.Module, lag_lr: float) -> list[dict[str, Any]]:
+    """The optimizer groups Sheared-LLaMA trains with, for any torch or Composer optimizer.
+
+    Model weights go in the first group, at the optimizer's ``lr`` and on its schedule; the mask
+    log-alphas at ``lag_lr`` and the Lagrange multipliers at ``-lag_lr`` (gradient ascent: they grow
+    while the expected sparsity misses its target), both without weight decay and held at that rate
+    (``HELD_LR_KEY``) whatever the schedule does. ``PruningCallback`` refuses an optimizer built
+    otherwise. Under FSDP2 Composer swaps each parameter for its sharded DTensor by name and keeps
+    every other key of its group, so the groups and their rates survive sharding.
+
+    Args:
+        model (nn.Module): a model whose ``mask_source`` is an :class:`L0Module` (``ComposerLlama``).
+        lag_lr (float): the masks' learning rate, positive (Sheared-LLaMA uses 1.0).
+
+    Example:
+        >>> model = ComposerLlama(config, mask_source=L0Module(config, {"n_layers": 3}, ["layer"]))
+        >>> optimizer = DecoupledAdamW(pruning_param_groups(model, lag_lr=1.0), lr=3e-3)  # doctest: +SKIP
+    """
+    l0 = getattr(model, "mask_source", None)
+    if not isinstance(l0, L0Module):
+        raise ValueError(f"pruning_param_groups: {type(model).__name__} has no L0Module as mask_source; "
+                         "build it as ComposerLlama(config, mask_source=L0Module(...))")
+    if isinstance(lag_lr, bool) or not isinstance(lag_lr, (int, float)) or not lag_lr > 0:
+        raise ValueError(f"lag_lr: must be a positive number (the masks' learning rate, e.g. 1.0), got {lag_lr!r}")
+    own = {id(p) for p in l0.parameters()}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    lambdas = [*l0.lambda_1.values(), *l0.lambda_2.values()]
+    return [
+        {"params": weights},
+        {"params": list(l0.z_loga.values()), "lr": lag_lr, HELD_LR_KEY: lag_lr, "weight_decay": 0.0},
+        {"params": lambdas, "lr": -lag_lr, HELD_LR_KEY: -lag_lr, "weight_decay": 0.0},
+    ]
