@@ -20,7 +20,16 @@ from torch.optim.lr_scheduler import LambdaLR
 from llmhift.atomic import check_inputs, claim_directory
 from llmhift.callbacks.hift.ddp import DDPFindUnusedParameters
 from llmhift.callbacks.hift.parking import Parked, park, read_sharded, to_device, unpark
-from llmhift.callbacks.hift.schedule import STRATEGIES, Plan, Unit, cycle_order, find_units, group_at, plan_groups
+from llmhift.callbacks.hift.schedule import (
+    STRATEGIES,
+    Plan,
+    Unit,
+    cycle_of,
+    cycle_order,
+    find_units,
+    group_at,
+    plan_groups,
+)
 
 __all__ = ["HiFTCallback"]
 
@@ -249,7 +258,7 @@ class HiFTCallback(Callback):
         self._prefetch(self._names(self.group_at(step + 1)) - self._active)
         logger.log_metrics({
             "hift/active_group": self.group_at(step),
-            "hift/cycle": step // len(self.groups),
+            "hift/cycle": cycle_of(step, len(self.groups)),
             "hift/lr": state.optimizers[0].param_groups[0]["lr"],
         })
 
@@ -334,7 +343,7 @@ class HiFTCallback(Callback):
                 self._prefetched[name] = to_device(unpark(self._parked[name]), self._params[name], self._stream)
 
     def _hold_lr(self, state: State, step: int) -> None:
-        start = (step // len(self.groups)) * len(self.groups)  # the cycle's first step
+        start = cycle_of(step, len(self.groups)) * len(self.groups)  # the cycle's first step
         now = state.timestamp
         batches = max(int(now.batch), 1)
         # Composer's schedulers read state.timestamp; show them the cycle's first batch for a moment.

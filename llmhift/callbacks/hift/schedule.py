@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-__all__ = ["STRATEGIES", "Unit", "Plan", "find_units", "plan_groups", "cycle_order", "group_at"]
+__all__ = ["STRATEGIES", "Unit", "Plan", "find_units", "plan_groups", "cycle_of", "cycle_order", "group_at"]
 
 STRATEGIES = ("down2up", "up2down", "random")
 Unit = tuple[str, list[str]]  # (unit name, names of its trainable parameters)
@@ -101,7 +101,12 @@ def cycle_order(n_groups: int, strategy: str, seed: int, cycle: int) -> list[int
     raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
 
 
+def cycle_of(step: int, n_groups: int) -> int:
+    """The cycle optimizer step ``step`` (0-based) belongs to: a cycle is one step per group."""
+    return step // n_groups
+
+
 def group_at(step: int, n_groups: int, strategy: str, seed: int) -> int:
     """The group trained at optimizer step ``step`` (0-based): every cycle visits each group once."""
-    cycle, position = divmod(step, n_groups)
-    return cycle_order(n_groups, strategy, seed, cycle)[position]
+    cycle = cycle_of(step, n_groups)
+    return cycle_order(n_groups, strategy, seed, cycle)[step - cycle * n_groups]
