@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from llmhift.atomic import atomic_directory  # noqa: E402
 from llmhift.callbacks.dynamic_loading import PROPORTION_KEY  # noqa: E402
+from llmhift.callbacks.hift.callback import ACTIVE_GROUP_KEY as HIFT_GROUP  # noqa: E402
 from llmhift.callbacks.pruning import (  # noqa: E402
     EXPECTED_PARAMS_KEY,
     EXPECTED_SPARSITY_KEY,
@@ -36,7 +37,6 @@ Series = dict[str, dict[int, float]]  # metric key -> {batch: value}
 EVAL_CE = metric_key(CE_METRIC)
 DOMAIN_CE = metric_key("{}" + DOMAIN_METRIC_SUFFIX)
 TOTAL_LOSS, LM_LOSS_KEY = TRAIN_LOSS_KEY.format("total"), TRAIN_LOSS_KEY.format(LM_LOSS)
-HIFT_GROUP = "hift/active_group"  # HiFTCallback's key; llmhift.callbacks.hift exports no name for it yet
 REPORT_TITLE = "# llmhift run report"
 COMMAND = "llmhift.report"  # the marker of a report folder: the only non-empty folder a report replaces
 

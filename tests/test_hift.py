@@ -13,6 +13,7 @@ from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset
 
 from llmhift.callbacks.hift import HiFTCallback
+from llmhift.callbacks.hift.schedule import cycle_of, group_at, plan_groups
 from llmhift.models.llama import ComposerLlama
 from tests.helpers import CrashAt
 
@@ -135,6 +136,18 @@ def test_groups_always_active_and_frozen_units():
     assert record.changed == [["embedding", "block.1", "head"], ["norm", "head"]] * 2
     # C = 2 groups over 4 batches: the rate of batch 0, then of batch 2 (linear to 0 at batch 4)
     assert record.lrs == pytest.approx([LR, LR, LR * 0.5, LR * 0.5], rel=1e-12)
+
+
+def test_the_schedule_is_pure_functions_of_units_and_settings():
+    """The plan and the group at each step, as the runs above follow them, with no model or Trainer."""
+    units = [(u, [f"{u}.weight"]) for u in UNITS]
+    plan = plan_groups(units, group_element=2, freeze_layers=[1], always_active=[-1])
+    assert plan == ([1], [4], [[0, 2], [3]])  # frozen, always active, groups
+    assert [plan.trained_with(g) for g in (0, 1)] == [[0, 2, 4], [3, 4]]
+    assert [cycle_of(step, 3) for step in range(7)] == [0, 0, 0, 1, 1, 1, 2]
+    assert [group_at(step, 3, "down2up", seed=0) for step in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert [group_at(step, 3, "up2down", seed=0) for step in range(7)] == [2, 1, 0, 2, 1, 0, 2]
+    assert [group_at(step, 3, "random", seed=5) for step in range(6)] == [2, 1, 0, 2, 0, 1]  # randperm(3), seed 5 + c
 
 
 def test_bad_settings_name_the_key():

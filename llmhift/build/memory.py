@@ -32,15 +32,12 @@ communication buckets, and eval (which saves no activations).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Collection, Optional, Sequence
 
-from composer import Logger, State
-from composer.devices import DeviceCPU
 from torch import nn
 
 from llmhift.build.parallel import RESHARD_AFTER_FORWARD, fsdp_version, parallelism_config
@@ -389,14 +386,13 @@ def default_world_size() -> int:
 
 def _hift_groups(model: nn.Module, hift: HiFTCallback) -> list[tuple[list[nn.Parameter], list[str]]]:
     """Each set of units HiFT trains at once (a cycled group plus ``always_active``): (its parameters,
-    its unit names). The callback's own INIT forms the groups and raises the run's errors; it runs on
-    a copy of ``model``, since it also freezes ``freeze_layers`` and casts to ``param_dtype``."""
-    state = State(model=copy.deepcopy(model), rank_zero_seed=0, run_name="dry-run", device=DeviceCPU())
-    hift.init(state, Logger(state))
-    named = dict(model.named_parameters())  # the copy's names are the model's
-    sets = [hift.units_trained_with(g) for g in range(len(hift.groups))]
-    return [([named[name] for u in units for name in hift.units[u][1]], [hift.units[u][0] for u in units])
-            for units in sets]
+    its unit names), planned by the callback's own schedule, whose errors are the run's."""
+    units = HiFTCallback.find_units(model)
+    plan = hift.plan(units)
+    named = dict(model.named_parameters())
+    sets = [plan.trained_with(g) for g in range(len(plan.groups))]
+    return [([named[name] for u in trained for name in units[u][1]], [units[u][0] for u in trained])
+            for trained in sets]
 
 
 def _numel(params: Sequence[nn.Parameter]) -> int:

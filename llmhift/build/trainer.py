@@ -33,7 +33,7 @@ from llmhift.build.parallel import average_gloo_fsdp2_gradients, on_gpu, paralle
 from llmhift.build.resolve import Resolution, resolve_hf_section, resolve_llama_section, resolve_model_section
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
-from llmhift.callbacks.hift import HiFTCallback
+from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
 from llmhift.checkpoint.io import read_llama_weights
 from llmhift.checkpoint.run_folder import AtomicCheckpointSaver, checkpoint_problem, prepare_run_folder
@@ -543,6 +543,8 @@ def build_trainer(config: TrainConfig, eval_only: bool = False) -> Trainer:
         raise ConfigError("eval_loader: an evaluation-only run (--eval-only, max_duration: 0ba) needs one")
     parallelism = parallelism_config(config)
     callbacks, loggers, algorithms = build_callbacks(config), build_loggers(config), build_algorithms(config)
+    if parallelism is None and any(isinstance(c, HiFTCallback) for c in callbacks):
+        algorithms.append(DDPFindUnusedParameters())  # DDP on several ranks: inactive groups get no gradient
     device = "gpu" if on_gpu() else "cpu"
     dist.initialize_dist(device, config.dist_timeout)
     claim = prepare_run_folder(config.save_folder, config.run_name, config.autoresume, eval_only)

@@ -2,7 +2,9 @@
 
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
-from llmhift.callbacks.hift import HiFTCallback
+from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
 
-__all__ = ["CheckpointMetadataCallback", "DynamicLoadingCallback", "HiFTCallback", "PruningCallback"]
+__all__ = [
+    "CheckpointMetadataCallback", "DDPFindUnusedParameters", "DynamicLoadingCallback", "HiFTCallback", "PruningCallback"
+]

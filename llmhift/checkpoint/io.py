@@ -35,6 +35,8 @@ __all__ = [
     "source_metadata",
     "tokenizer_files",
     "is_sharded_checkpoint",
+    "callback_state_key",
+    "callback_state_tree",
     "load_checkpoint",
     "map_safetensors",
     "model_state_dict",
@@ -70,6 +72,25 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     """A torch distributed-checkpoint folder, as Composer writes with ``state_dict_type: sharded``
     (``ep0-ba6/`` with ``.metadata`` and one ``__R_0.distcp`` per rank; ``latest-rank0.pt`` links to it)."""
     return (Path(path) / ".metadata").is_file()
+
+
+# Where Composer keeps every callback's ``state_dict()`` in a checkpoint, under its class ``__qualname__``.
+_CALLBACKS_PATH = ("state", "callbacks")
+
+
+def callback_state_key(callback: str, *fields: str) -> str:
+    """The flat name a torch distributed checkpoint gives a leaf of callback ``callback``'s state
+    (``state.callbacks.<callback>.<fields...>``)."""
+    return ".".join((*_CALLBACKS_PATH, callback, *fields))
+
+
+def callback_state_tree(callback: str, state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint-shaped dict that holds ``state`` where Composer keeps ``callback``'s state: what
+    ``torch.distributed.checkpoint.load`` reads into when only that state is wanted."""
+    tree: dict[str, Any] = {callback: state}
+    for key in reversed(_CALLBACKS_PATH):
+        tree = {key: tree}
+    return tree
 
 
 def load_checkpoint(path: str | os.PathLike, memory_map: bool = False, model_only: bool = False) -> dict[str, Any]:
@@ -333,18 +354,19 @@ def _sharded_callback_state(folder: Path) -> dict[str, Any] | None:
     """The metadata callback's state in a sharded checkpoint, read alone (no tensor is touched)."""
     import torch.distributed.checkpoint as dcp
 
-    key = f"state.callbacks.{METADATA_CALLBACK}.{_METADATA_FIELD}"  # DCP's flattened name of the leaf
+    key = callback_state_key(METADATA_CALLBACK, _METADATA_FIELD)
     try:
         reader = dcp.FileSystemReader(folder)
         if key not in reader.read_metadata().state_dict_metadata:
             return None
-        holder = {"state": {"callbacks": {METADATA_CALLBACK: {_METADATA_FIELD: ""}}}}
+        state = {_METADATA_FIELD: ""}
+        holder = callback_state_tree(METADATA_CALLBACK, state)
         with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": intended
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(holder, storage_reader=reader, no_dist=True)
     except Exception as err:  # a truncated or foreign folder fails in several ways inside torch
         raise ConversionError(f"{folder} is not a readable sharded checkpoint: {err}") from err
-    return holder["state"]["callbacks"][METADATA_CALLBACK]
+    return state
 
 
 def _stored(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
