@@ -1,8 +1,10 @@
-"""llmhift callbacks for a vanilla Composer Trainer: pruning, dynamic batch loading, HiFT, checkpoint metadata."""
+"""llmhift callbacks for a vanilla Composer Trainer: pruning, dynamic batch loading, HiFT, distillation,
+checkpoint metadata."""
 
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
+from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
 
-__all__ = ["CheckpointMetadataCallback", "DynamicLoadingCallback", "HiFTCallback", "PruningCallback"]
+__all__ = ["CheckpointMetadataCallback", "DistillationCallback", "DynamicLoadingCallback", "HiFTCallback", "PruningCallback"]
