@@ -20,9 +20,9 @@ from typing import Any, Mapping
 from transformers import AutoConfig
 
 from llmhift.build.config import ConfigError
+from llmhift.checkpoint.io import is_sharded_checkpoint, stored_metadata
 from llmhift.models.hf_adapter import ConversionError, llama_config_from_hf
 from llmhift.models.llama import LlamaConfig
-from llmhift.checkpoint.io import is_sharded_checkpoint, stored_metadata
 
 __all__ = [
     "CHOICE_FIELDS",

@@ -26,28 +26,12 @@ from composer.optim import (
     DecoupledAdamW,
     LinearWithWarmupScheduler,
 )
-from composer.utils import FSDP2Config, dist, reproducibility
-from torch.distributed.fsdp import FSDPModule
+from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
-from llmhift.callbacks.distillation import DistillationCallback
-from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
-from llmhift.callbacks.hift import HiFTCallback
-from llmhift.callbacks.pruning import PruningCallback
 from llmhift.build.config import ConfigError, LoaderConfig, TrainConfig, device_batch_sizes
 from llmhift.build.parallel import average_gloo_fsdp2_gradients, on_gpu, parallelism_config
-from llmhift.datasets.demo_data import ensure_demo_data
-from llmhift.datasets.instruction import InstructionDataset, check_instruction_dataset
-from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
-from llmhift.datasets.text import DataFolderError, EverySample, MultiDomainTextDataset, find_domains, sequence_length
-from llmhift.loggers import JsonlLogger
-from llmhift.models.hf_adapter import ConversionError, infer_llama_config
-from llmhift.models.hf_causal_lm import ComposerHFCausalLM
-from llmhift.models.l0_module import L0Module
-from llmhift.models.llama import ComposerLlama, LlamaConfig
 from llmhift.build.resolve import (
     Resolution,
     declared_llama_config,
@@ -55,8 +39,22 @@ from llmhift.build.resolve import (
     resolve_llama_section,
     resolve_model_section,
 )
-from llmhift.checkpoint.run_folder import AtomicCheckpointSaver, checkpoint_problem, prepare_run_folder
+from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
+from llmhift.callbacks.distillation import DistillationCallback
+from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmhift.callbacks.hift import HiFTCallback
+from llmhift.callbacks.pruning import PruningCallback
 from llmhift.checkpoint.io import read_llama_weights, source_metadata, tokenizer_files
+from llmhift.checkpoint.run_folder import AtomicCheckpointSaver, checkpoint_problem, prepare_run_folder
+from llmhift.datasets.demo_data import ensure_demo_data
+from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
+from llmhift.datasets.instruction import InstructionDataset, check_instruction_dataset
+from llmhift.datasets.text import DataFolderError, EverySample, MultiDomainTextDataset, find_domains, sequence_length
+from llmhift.loggers import JsonlLogger
+from llmhift.models.hf_adapter import ConversionError, infer_llama_config
+from llmhift.models.hf_causal_lm import ComposerHFCausalLM
+from llmhift.models.l0_module import L0Module
+from llmhift.models.llama import ComposerLlama, LlamaConfig
 
 __all__ = [
     "CALLBACKS",
