@@ -200,10 +200,11 @@ class DistillationCallback(Callback):
         step = torch.cat([values, values.new_tensor([samples])])
         self._sums = step if self._sums is None else self._sums + step
 
-    def batch_end(self, state: State, logger: Logger) -> None:
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        """Logged where Composer logs ``loss/train/total``: at the same step, before the timestamp moves."""
         del state  # unused
         if self._sums is None:
             return
-        dist.all_reduce(self._sums, reduce_operation="SUM")  # every rank calls it: batch_end runs on all
+        dist.all_reduce(self._sums, reduce_operation="SUM")  # every rank trains every batch: all call it
         kl, lm, teacher_ce = (self._sums[:3] / self._sums[3]).tolist()
         logger.log_metrics({DISTILL_KL: kl, DISTILL_LM: lm, DISTILL_TEACHER_CE: teacher_ce})
