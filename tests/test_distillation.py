@@ -248,7 +248,8 @@ def test_fsdp2_on_2_ranks_shards_the_teacher_and_trains_like_one_process(demo_ro
 
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
     one = json.loads((tmp_path / "out_single" / "rank0.json").read_text())
-    assert one["teacher"]["dtensors"] == 0 and ranks[0]["teacher"]["dtensors"] == ranks[0]["teacher"]["tensors"]
+    assert one["teacher"]["dtensors"] == 0
+    assert [(r["teacher"]["unsharded"], r["teacher"]["tensors"]) for r in ranks] == [([], one["teacher"]["tensors"])] * 2
     assert ranks[0]["teacher"]["local"] + ranks[1]["teacher"]["local"] == one["teacher"]["local"]
     assert max(r["teacher"]["local"] for r in ranks) < 0.6 * one["teacher"]["local"]
     fsdp, single_log = _metrics(tmp_path / "fsdp"), _metrics(tmp_path / "single")
@@ -272,7 +273,8 @@ def _rank_main(out: Path, argv: list[str]) -> int:
     params = list(callback.teacher.parameters())
     local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
     record["teacher"] = {"tensors": len(params), "dtensors": sum(isinstance(p, DTensor) for p in params),
-                         "local": sum(t.numel() for t in local)}
+                         "local": sum(t.numel() for t in local),
+                         "unsharded": [n for n, p in callback.teacher.named_parameters() if not isinstance(p, DTensor)]}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{dist.get_global_rank()}.json").write_text(json.dumps(record))
     return code

@@ -13,6 +13,7 @@ from composer.distributed.fsdp2_utils import generate_composer_model_policy
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from llmhift.models.causal_lm import IGNORE_INDEX, next_token_targets
 
@@ -171,7 +172,7 @@ class DistillationCallback(Callback):
         teacher = self.teacher
         teacher.eval().requires_grad_(False)
         if isinstance(state.fsdp_config, FSDP2Config):
-            if not any(isinstance(p, torch.distributed.tensor.DTensor) for p in teacher.parameters()):
+            if not any(isinstance(m, FSDPModule) for m in teacher.modules()):  # a second fit() keeps its shards
                 prepare_fully_shard(teacher, state.fsdp_config, state.precision,
                                     generate_composer_model_policy(teacher))
         else:
@@ -189,6 +190,9 @@ class DistillationCallback(Callback):
         assert isinstance(self.teacher, nn.Module)  # built at FIT_START
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
             teacher_logits = self.teacher(state.batch)  # (B, T, V)
+        for module in self.teacher.modules():
+            if isinstance(module, FSDPModule):  # FSDP2 keeps its root unit gathered after forward, for a
+                module.reshard()  # backward that never comes here: shard it again (a no-op for the others)
         kl, teacher_ce = distillation_loss(state.outputs, teacher_logits, next_token_targets(state.batch),
                                            self.temperature, self.loss, self.chunk_tokens)
         del teacher_logits  # the KL's gradient is already computed: the teacher's logits can go
