@@ -229,6 +229,31 @@ def test_a_wrong_teacher_or_setting_is_one_line_before_anything_is_written(case,
     assert not folder.exists()
 
 
+def test_dry_run_adds_the_teachers_weights_and_working_memory(tmp_path, capsys):
+    """The 1.3B recipe against the LM-only one on 16 ranks, a LLaMA-2-7B teacher (its config.json alone):
+    the estimate grows by the teacher's fp32 weights / 16, its logits and the KL's gradient buffer
+    (16 x 4096 x 32000 bf16 each), one fp32 KL chunk (8 x 512 x 32000) and the teacher's gathered
+    root unit and two blocks (bf16), as written out here from the 7B shape."""
+    import train
+    from tests.helpers import config_only_model
+
+    teacher = config_only_model(tmp_path / "llama-2-7b")
+    totals = {}
+    for yaml, extra in (("yamls/pretrain/llama2_1.3b.yaml", []),
+                        ("yamls/pretrain/llama2_1.3b_distill.yaml", [f"variables.teacher={teacher}"])):
+        assert train.main([yaml, *extra, "--dry-run", "--world-size", "16"]) == 0
+        out = capsys.readouterr().out
+        totals[yaml] = float(re.search(r"^  total +([\d.]+) GiB", out, re.M).group(1))
+    assert "+ teacher 6,738,415,616, fp32 / 16 ranks" in out
+    block = 4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096  # attention, MLP, two norms
+    outer = 2 * 32000 * 4096 + 4096  # embedding, head, final norm
+    assert 32 * block + outer == 6_738_415_616
+    logits = 16 * 4096 * 32000 * 2
+    expected = (32 * block + outer) * 4 / 16 + 2 * logits + 8 * 512 * 32000 * 4 + (outer + 2 * block) * 2
+    delta = totals["yamls/pretrain/llama2_1.3b_distill.yaml"] - totals["yamls/pretrain/llama2_1.3b.yaml"]
+    assert delta == pytest.approx(expected / 2**30, abs=0.011)  # the printout rounds each total to 0.01 GiB
+
+
 @pytest.mark.slow
 def test_fsdp2_on_2_ranks_shards_the_teacher_and_trains_like_one_process(demo_root, models, tmp_path):
     """Two ranks (train.py's FSDP2, one micro-batch of 4 each) against one process (two micro-batches of 4):

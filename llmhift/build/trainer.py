@@ -83,6 +83,7 @@ __all__ = [
     "check_hift",
     "check_distillation",
     "build_teacher",
+    "TEACHER_KEY",
     "save_resolved_config",
 ]
 
@@ -150,7 +151,7 @@ def build_callbacks(config: TrainConfig) -> list[Callback]:
     entries = dict(config.callbacks)
     if "distillation" in entries:  # the yaml names the teacher's path; the callback loads it at FIT_START
         section = dict(entries["distillation"] or {})
-        section["teacher"] = functools.partial(build_teacher, config, _teacher_path(section))
+        section["teacher"] = functools.partial(build_teacher, config, _teacher_path(section, must_exist=False))
         entries["distillation"] = section
     return [*_build_named("callbacks", CALLBACKS, entries), metadata]
 
@@ -536,12 +537,13 @@ def check_hift(config: TrainConfig) -> None:
 TEACHER_KEY = "callbacks.distillation.teacher"
 
 
-def _teacher_path(section: Mapping[str, Any]) -> str:
+def _teacher_path(section: Mapping[str, Any], must_exist: bool = True) -> str:
+    """``callbacks.distillation.teacher``; a dry run away from the cluster may name one not here."""
     path = section.get("teacher")
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{TEACHER_KEY}: required: the source model (an HF folder, a Composer checkpoint or a "
                           "sharded checkpoint folder), e.g. the unpruned model the student was pruned from")
-    if not Path(path).exists():
+    if must_exist and not Path(path).exists():
         raise ConfigError(f"{TEACHER_KEY}: {path} does not exist")
     return path
 
