@@ -31,23 +31,13 @@ TEACHER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_
 STUDENT = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, intermediate_size=176)
 
 
-def _hf_model(folder: Path, tokenizer: Path, seed: int, shape: dict) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=2048, max_position_embeddings=128, tie_word_embeddings=True, **shape)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    for file in tokenizer.iterdir():
-        shutil.copy(file, folder / file.name)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def models(demo_root, tmp_path_factory) -> dict[str, Path]:
+    from tests.helpers import save_hf_llama
+
     root = tmp_path_factory.mktemp("distill_models")
-    return {"teacher": _hf_model(root / "teacher", demo_root / "tokenizer", 0, TEACHER),
-            "student": _hf_model(root / "student", demo_root / "tokenizer", 1, STUDENT)}
+    return {"teacher": save_hf_llama(root / "teacher", demo_root / "tokenizer", 0, **TEACHER),
+            "student": save_hf_llama(root / "student", demo_root / "tokenizer", 1, **STUDENT)}
 
 
 def _overrides(data: Path, models: dict[str, Path], folder: Path, *extra: str) -> list[str]:
