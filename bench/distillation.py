@@ -41,7 +41,7 @@ def _metrics(path: Path) -> dict[str, dict[int, float]]:
 
 def _run(yaml: str, folder: Path, overrides: list[str]) -> dict[str, dict[int, float]]:
     command = [sys.executable, "train.py", yaml, f"save_folder={folder}", *overrides]
-    if subprocess.run(command, cwd=REPO).returncode != 0:
+    if subprocess.run(command, cwd=REPO, stdout=sys.stderr).returncode != 0:  # stdout: the JSON alone
         raise SystemExit(f"error: {' '.join(command)} failed; see its output above")
     return _metrics(folder / "metrics.jsonl")
 
@@ -61,7 +61,7 @@ def main() -> int:
     root = Path(args.root).resolve()
     if args.prepare:
         for command in pipeline_commands(root, args.prepare, sys.executable)[:4]:
-            if subprocess.run(command, cwd=REPO).returncode != 0:
+            if subprocess.run(command, cwd=REPO, stdout=sys.stderr).returncode != 0:
                 raise SystemExit(f"error: {' '.join(command)} failed; see its output above")
     teacher = root / "demo-pretrain" / "checkpoints" / "latest-rank0.pt"
     student = root / "demo-prune" / "checkpoints" / "pruned-latest-rank0.pt"
