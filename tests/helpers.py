@@ -167,3 +167,19 @@ def config_only_model(folder: Path, config: dict[str, Any] = LLAMA2_7B_CONFIG) -
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def save_hf_llama(folder: Path, tokenizer: Path, seed: int = 0, **shape: Any) -> Path:
+    """A random LLaMA of the demo vocabulary (2048, tied) written by transformers' ``save_pretrained``,
+    with the demo tokenizer's files beside it: a teacher or student for distillation tests."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=2048, max_position_embeddings=128, tie_word_embeddings=True, **shape)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for file in tokenizer.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder

@@ -13,8 +13,15 @@ from composer.loggers import Logger
 
 from llmhift.build.config import load_config
 from llmhift.build.trainer import CALLBACKS, build_trainer
-from llmhift.callbacks import CheckpointMetadataCallback, DynamicLoadingCallback, HiFTCallback, PruningCallback
+from llmhift.callbacks import (
+    CheckpointMetadataCallback,
+    DistillationCallback,
+    DynamicLoadingCallback,
+    HiFTCallback,
+    PruningCallback,
+)
 from llmhift.datasets.demo_data import ensure_demo_data
+from tests.helpers import save_hf_llama
 
 # Callbacks train.py adds to every run, whatever the yaml names.
 ALWAYS = {"checkpoint_metadata": ("yamls/demo/prune.yaml", CheckpointMetadataCallback)}
@@ -22,6 +29,7 @@ CASES = {
     "pruning": ("yamls/demo/prune.yaml", PruningCallback),
     "data_loading": ("yamls/demo/pretrain.yaml", DynamicLoadingCallback),
     "hift": ("yamls/demo/hift.yaml", HiFTCallback),
+    "distillation": ("yamls/demo/continue_distill.yaml", DistillationCallback),
     **ALWAYS,
 }
 
@@ -68,6 +76,10 @@ def test_callback_life_cycle(name, microbatch, demo_root, tmp_path):
     ]
     if name == "hift":
         overrides.append(f"variables.instructions={tmp_path / 'instructions'}")
+    if name == "distillation":  # the student as its own teacher: a small LLaMA of the demo vocabulary
+        model = save_hf_llama(tmp_path / "model", demo_root / "tokenizer", hidden_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=128)
+        overrides += [f"variables.pruned_model={model}", f"variables.teacher={model}"]
     config = load_config(yaml, overrides)
     trainer = build_trainer(config)
     callback = next(cb for cb in trainer.state.callbacks if isinstance(cb, cls))

@@ -25,6 +25,10 @@ Where the bytes go (per GPU, W ranks):
 * working: transient peaks that add to the above at some point of the step: the weights FSDP
   gathers (and their unsharded gradients), and the larger of one checkpointed block recomputed in
   backward and the gradient buffers of the loss (freed before the first block is rebuilt).
+* distillation (``callbacks.distillation``): the teacher's fp32 weights (sharded like the student's
+  under FSDP2) under weights; under working its logits, the KL's gradient buffer (both micro-batch x
+  seq x vocab in the compute dtype), one fp32 KL chunk (8 x chunk_tokens x vocab) and the teacher
+  blocks FSDP gathers: an upper bound, as the teacher's logits are freed before backward.
 
 Not counted: the CUDA context and allocator fragmentation (typically 1-3 GB), data-loader buffers,
 communication buckets, and eval (which saves no activations).
@@ -41,9 +45,10 @@ from typing import Any, Collection, Optional, Sequence
 from torch import nn
 
 from llmhift.build.parallel import RESHARD_AFTER_FORWARD, fsdp_version, parallelism_config
-from llmhift.build.trainer import build_callbacks
+from llmhift.build.trainer import TEACHER_KEY, build_callbacks, build_teacher
+from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.hift import HiFTCallback
-from llmhift.models.hf_causal_lm import D_MODEL_NAMES, N_LAYERS_NAMES
+from llmhift.models.hf_causal_lm import D_MODEL_NAMES, N_LAYERS_NAMES, ComposerHFCausalLM
 from llmhift.models.l0_module import count_params  # the dry run's source and target sizes
 from llmhift.models.llama import LlamaConfig
 
@@ -457,6 +462,12 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
     working = gathered + max(acts.recompute, acts.logits_grad)
     # parked HiFT state, sharded like its parameters under FSDP2
     host = math.ceil((_numel(others) * OPTIMIZER_MOMENTS[optimizer] * FP32 + len(others) * FP32) / state_ranks)
+    distill = next((c for c in build_callbacks(config) if isinstance(c, DistillationCallback)), None)
+    teacher = None if distill is None else _teacher_bytes(config, distill, sharding, micro * seq_len,
+                                                          shape.vocab_size, amp, computed)
+    if teacher is not None:
+        state["weights"] += teacher["weights"]
+        working += teacher["working"]
     estimate = MemoryEstimate(**state, activations=acts.saved, working=working, host=host)
 
     where = f"{sharding.label} over {world_size} ranks" if sharding else f"no FSDP, {world_size} rank(s)"
@@ -482,7 +493,29 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
                  + ("offload_dir files, not memory" if hift is not None and hift.offload_dir else "CPU memory")
                  + (split if host else "")),
     }
+    if teacher is not None:
+        estimate.notes["weights"] += f"; + teacher {teacher['params']:,}, fp32" + (split if weight_ranks > 1 else "")
+        estimate.notes["working"] += "; + the teacher's logits, the KL's gradient buffer, one KL chunk" + (
+            " and the teacher blocks FSDP gathers" if sharding else "")
     return estimate
+
+
+def _teacher_bytes(config: Any, distill: DistillationCallback, sharding: Optional[Sharding], tokens: int, vocab: int,
+                   amp: bool, computed: int) -> Optional[dict[str, int]]:
+    """The distillation teacher's weights and working memory per rank, from its config alone (built on
+    the meta device); None when its checkpoint is not on this machine (a dry run away from the cluster)."""
+    path = config.callbacks["distillation"]["teacher"]
+    if not os.path.exists(path):
+        print(f"note: {TEACHER_KEY}: {path} does not exist here: the estimate leaves the teacher out")
+        return None
+    teacher = build_teacher(config, path, init_device="meta")
+    params = _numel(list(teacher.parameters()))
+    logits = tokens * vocab * (HALF if amp else FP32)  # the teacher's, and the KL's gradient buffer
+    chunk = 8 * distill.chunk_tokens * vocab * FP32
+    blocks = _blocks(teacher.model if isinstance(teacher, ComposerHFCausalLM) else teacher)  # as estimate_run's
+    gathered = (params - sum(blocks) + 2 * max(blocks, default=0)) * computed if sharding else 0  # no gradients
+    ranks = sharding.weight_ranks if sharding else 1
+    return {"params": params, "weights": math.ceil(params * FP32 / ranks), "working": 2 * logits + chunk + gathered}
 
 
 def _gathered_bytes(sharding: Sharding, blocks: Sequence[int], computed: int, n_params: int) -> int:

@@ -6,6 +6,8 @@ last, so that a typo costs a second, not a model load.
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -30,12 +32,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from llmhift.atomic import atomic_file
 from llmhift.build.config import ConfigError, LoaderConfig, TrainConfig, device_batch_sizes
 from llmhift.build.parallel import average_gloo_fsdp2_gradients, on_gpu, parallelism_config
-from llmhift.build.resolve import Resolution, resolve_hf_section, resolve_llama_section, resolve_model_section
+from llmhift.build.resolve import (
+    Resolution,
+    declared_llama_config,
+    resolve_hf_section,
+    resolve_llama_section,
+    resolve_model_section,
+)
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
+from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
-from llmhift.checkpoint.io import read_llama_weights
+from llmhift.checkpoint.io import read_llama_weights, source_metadata, tokenizer_files
 from llmhift.checkpoint.run_folder import AtomicCheckpointSaver, checkpoint_problem, prepare_run_folder
 from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
@@ -72,6 +81,9 @@ __all__ = [
     "check_sequence_length",
     "check_load_path",
     "check_hift",
+    "check_distillation",
+    "build_teacher",
+    "TEACHER_KEY",
     "save_resolved_config",
 ]
 
@@ -85,6 +97,7 @@ CALLBACKS: dict[str, Callable[..., Callback]] = {
     "pruning": PruningCallback,
     "data_loading": DynamicLoadingCallback,
     "hift": HiFTCallback,
+    "distillation": DistillationCallback,  # teacher: a path, loaded by build_teacher (see build_callbacks)
 }
 
 
@@ -135,7 +148,12 @@ def build_callbacks(config: TrainConfig) -> list[Callback]:
     """The yaml's callbacks, plus the one that makes every checkpoint carry its model's config and source."""
     tokenizer = config.tokenizer.name if config.tokenizer else None
     metadata = CheckpointMetadataCallback(source=config.model.get("pretrained"), tokenizer=tokenizer)
-    return [*_build_named("callbacks", CALLBACKS, config.callbacks), metadata]
+    entries = dict(config.callbacks)
+    if "distillation" in entries:  # the yaml names the teacher's path; the callback loads it at FIT_START
+        section = dict(entries["distillation"] or {})
+        section["teacher"] = functools.partial(build_teacher, config, _teacher_path(section, must_exist=False))
+        entries["distillation"] = section
+    return [*_build_named("callbacks", CALLBACKS, entries), metadata]
 
 
 def build_loggers(config: TrainConfig) -> list[LoggerDestination]:
@@ -255,7 +273,7 @@ def build_l0_module(config: TrainConfig) -> L0Module | None:
         raise ConfigError(message if message.startswith("model.") else f"model.l0_module: {message}") from None
 
 
-def _load_pretrained_llama(model: ComposerLlama, path: str) -> None:
+def _load_pretrained_llama(model: ComposerLlama, path: str, key: str = "model.pretrained") -> None:
     """Fills a decoder built on the meta device with a checkpoint's weights, strictly: the checkpoint's
     shapes must be the yaml's (a 7B checkpoint does not silently half-load into a 1.3B yaml).
 
@@ -269,12 +287,12 @@ def _load_pretrained_llama(model: ComposerLlama, path: str) -> None:
                                                        "tie_word_embeddings")}
         infer_llama_config(weights, shape)
     except ConversionError as err:
-        raise ConfigError(f"model.pretrained: {path}: {err}") from None
+        raise ConfigError(f"{key}: {path}: {err}") from None
     expected = {f"model.{name}" for name in model.model.state_dict()}
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:  # same shapes, other sublayers: layers_without_attn / layers_without_mlp differ
         raise ConfigError(
-            f"model.pretrained: {path} holds other tensors than the yaml's model (missing {missing[:3]}, unexpected "
+            f"{key}: {path} holds other tensors than the yaml's model (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); check model.layers_without_attn and model.layers_without_mlp"
         )
     # A tied head is the embedding itself (no lm_head parameter), so assigning cannot untie it.
@@ -503,6 +521,87 @@ def check_hift(config: TrainConfig) -> None:
         raise ConfigError(f"callbacks.hift: {err}") from None
 
 
+TEACHER_KEY = "callbacks.distillation.teacher"
+
+
+def _teacher_path(section: Mapping[str, Any], must_exist: bool = True) -> str:
+    """``callbacks.distillation.teacher``; a dry run away from the cluster may name one not here."""
+    path = section.get("teacher")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{TEACHER_KEY}: required: the source model (an HF folder, a Composer checkpoint or a "
+                          "sharded checkpoint folder), e.g. the unpruned model the student was pruned from")
+    if must_exist and not Path(path).exists():
+        raise ConfigError(f"{TEACHER_KEY}: {path} does not exist")
+    return path
+
+
+def _vocab_size(path: str) -> int:
+    """Rows of a checkpoint's embedding, from its config (an HF folder's config.json, a checkpoint's
+    stored model config) or else its weights' shape (memory-mapped: nothing is read but the header)."""
+    if (Path(path) / "config.json").is_file():
+        return int(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
+    declared = declared_llama_config(path)
+    if declared is not None:
+        return int(declared[0]["vocab_size"])
+    return read_llama_weights(path)["model.tok_embeddings.weight"].shape[0]
+
+
+def build_teacher(config: TrainConfig, path: str, init_device: str | None = None) -> ComposerModel:
+    """The distillation teacher at ``path``, read like ``model.pretrained`` (any checkpoint llmhift
+    reads); built like the student: an ``hf_causal_lm`` student gets an HF teacher from an HF folder,
+    otherwise a ComposerLlama with the student's ``attn_impl``. ``init_device="meta"`` gives the
+    shapes alone (the dry run's memory estimate)."""
+    if config.model["name"] == "hf_causal_lm" and (Path(path) / "config.json").is_file():
+        if init_device == "meta":
+            with torch.device("meta"):
+                hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+            return ComposerHFCausalLM(hf)
+        return ComposerHFCausalLM.from_pretrained(path)
+    section = {"name": "llama", "pretrained": path}
+    if config.model.get("attn_impl"):
+        section["attn_impl"] = config.model["attn_impl"]
+    try:
+        llama = build_llama_config(section)
+    except ConfigError as err:
+        raise ConfigError(f"{TEACHER_KEY}: {err}") from None
+    teacher = ComposerLlama(llama, init_device="meta")
+    if init_device != "meta":
+        _load_pretrained_llama(teacher, path, TEACHER_KEY)
+    return teacher
+
+
+def check_distillation(config: TrainConfig) -> None:
+    """``callbacks.distillation``: its settings, and a teacher that exists and shares the student's
+    tokenizer (the same vocabulary size, and the same tokenizer files where both sides have them),
+    checked before any weights are read."""
+    if "distillation" not in config.callbacks:
+        return
+    section = dict(config.callbacks["distillation"] or {})
+    path = _teacher_path(section)
+    try:  # the callback's own checks of the numbers, with a stand-in for the teacher
+        DistillationCallback(**{**section, "teacher": torch.nn.Identity()})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"callbacks.distillation: {err}") from None
+    student = config.model.get("pretrained")
+    student_vocab = _vocab_size(student) if config.model["name"] == "hf_causal_lm" else config.model["vocab_size"]
+    try:
+        teacher_vocab = _vocab_size(path)
+        teacher_files = source_metadata(path).get("tokenizer_files", {})
+    except ConversionError as err:
+        raise ConfigError(f"{TEACHER_KEY}: {err}") from None
+    if teacher_vocab != student_vocab:
+        raise ConfigError(f"{TEACHER_KEY}: {path} has a {teacher_vocab}-token vocabulary, the student "
+                          f"{student_vocab}; distil only from a teacher with the student's tokenizer")
+    if config.tokenizer is not None and Path(config.tokenizer.name).is_dir():
+        where, student_files = config.tokenizer.name, tokenizer_files(config.tokenizer.name)
+    else:
+        where, student_files = student, source_metadata(student).get("tokenizer_files", {}) if student else {}
+    differ = sorted(n for n in set(teacher_files) & set(student_files) if teacher_files[n] != student_files[n])
+    if differ:
+        raise ConfigError(f"{TEACHER_KEY}: {path}'s tokenizer differs from the student's ({where}) in {differ}; "
+                          "distil only from a teacher with the student's tokenizer")
+
+
 def save_resolved_config(config: TrainConfig) -> None:
     """Writes the run's resolved yaml to ``<save_folder>/config.yaml`` (rank 0, atomically): the
     converters and the post-pruning processor read the model shape from it."""
@@ -526,6 +625,7 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     check_sequence_length(config, domains)
     check_tokenizer(config)
     check_hift(config)
+    check_distillation(config)
     check_load_path(config)
     device_batch_sizes(config, dist.get_world_size(), on_gpu())
     return domains

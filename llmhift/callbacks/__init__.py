@@ -1,10 +1,17 @@
-"""llmhift callbacks for a vanilla Composer Trainer: pruning, dynamic batch loading, HiFT, checkpoint metadata."""
+"""llmhift callbacks for a vanilla Composer Trainer: pruning, dynamic batch loading, HiFT, distillation,
+checkpoint metadata."""
 
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
+from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
 
 __all__ = [
-    "CheckpointMetadataCallback", "DDPFindUnusedParameters", "DynamicLoadingCallback", "HiFTCallback", "PruningCallback"
+    "CheckpointMetadataCallback",
+    "DDPFindUnusedParameters",
+    "DistillationCallback",
+    "DynamicLoadingCallback",
+    "HiFTCallback",
+    "PruningCallback",
 ]
