@@ -14,7 +14,6 @@ from composer.loggers import Logger
 from llmhift.build.config import load_config
 from llmhift.build.trainer import CALLBACKS, build_trainer
 from llmhift.callbacks import CheckpointMetadataCallback, DynamicLoadingCallback, HiFTCallback, PruningCallback
-from llmhift.datasets.demo_data import ensure_demo_data
 
 # Callbacks train.py adds to every run, whatever the yaml names.
 ALWAYS = {"checkpoint_metadata": ("yamls/demo/prune.yaml", CheckpointMetadataCallback)}
@@ -24,11 +23,6 @@ CASES = {
     "hift": ("yamls/demo/hift.yaml", HiFTCallback),
     **ALWAYS,
 }
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("contract") / "data")
 
 
 def same(a, b) -> bool:

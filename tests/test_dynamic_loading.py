@@ -21,7 +21,6 @@ import train
 from llmhift.build.config import load_config
 from llmhift.build.trainer import build_trainer
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback, doremi_update
-from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset
 from tests.helpers import CrashAt
 
@@ -63,11 +62,6 @@ def test_callback_refuses_bad_settings(kwargs, match):
     settings = dict(set_names=["a", "b"], proportion=[0.5, 0.5], target_loss=[1.0, 2.0]) | kwargs
     with pytest.raises(ValueError, match=match):
         DynamicLoadingCallback(**settings)
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "data")
 
 
 BAD = [

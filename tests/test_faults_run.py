@@ -15,16 +15,10 @@ import torch
 
 import train
 from llmhift.checkpoint.run_folder import INCOMPLETE, RUN_LOCK
-from llmhift.datasets.demo_data import ensure_demo_data
 from tests.helpers import REPO_ROOT
 
 DEMO_YAML = "yamls/demo/pretrain.yaml"
 FAULT_SCRIPT = str(REPO_ROOT / "tests" / "scripts" / "fault_at_save.py")
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "data")
 
 
 def overrides(demo_root, folder, *extra):

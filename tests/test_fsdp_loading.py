@@ -49,19 +49,17 @@ def tensor_digest(tensor) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(demo_root, tmp_path_factory):
     """One 2-rank FSDP2 launch of 1 batch per case; returns {case: (expected digests, per-rank records,
     launch result, logs folder)}."""
     import torch
     import transformers
 
     from llmhift.convert.composer_to_hf import save_hf_to_composer
-    from llmhift.datasets.demo_data import ensure_demo_data
     from llmhift.models.hf_adapter import hf_to_llmhift_state_dict
     from tests.helpers import launch_ranks  # here: this file also runs as a rank's script
 
     tmp = tmp_path_factory.mktemp("fsdp_loading")
-    data = ensure_demo_data(tmp / "data")
     with torch.random.fork_rng():
         torch.manual_seed(1234)  # not the yaml's seed (17): loaded weights differ from a fresh init
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -76,7 +74,7 @@ def runs(tmp_path_factory):
     for case, (source, _, how) in CASES.items():
         source, out, logs = tmp / source, tmp / case / "out", tmp / case / "logs"
         args = [str(source), str(out), *(a.replace("{source}", str(source)) for a in how),
-                f"variables.data_root={data}", f"save_folder={tmp / case / 'ckpt'}", "max_duration=1ba",
+                f"variables.data_root={demo_root}", f"save_folder={tmp / case / 'ckpt'}", "max_duration=1ba",
                 "eval_interval=1ba", "eval_subset_num_batches=1", "device_train_microbatch_size=8",
                 "progress_bar=false", "log_to_console=false"]  # fmt: skip
         result = launch_ranks(__file__, args, logs, LAUNCH_TIMEOUT_S, env={"FSDP_VERSION": "2"})

@@ -8,16 +8,10 @@ import torch
 import train
 from llmhift.build.config import load_config
 from llmhift.build.trainer import build_trainer
-from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.models.llama import ComposerLlama
 
 DEMO_YAML = "yamls/demo/pretrain.yaml"
 UNIFORM_LOSS = math.log(2048)  # cross-entropy of guessing uniformly over the demo vocabulary
-
-
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "data")
 
 
 def demo_overrides(demo_root, save_folder, *extra):

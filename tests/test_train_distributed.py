@@ -43,14 +43,11 @@ def _corpus_counts(mds: Path) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    """Builds the demo data once, then runs the demo yaml for 6 batches on 2 ranks."""
-    from llmhift.datasets.demo_data import ensure_demo_data
-
+def two_rank_run(demo_root, tmp_path_factory):
+    """Runs the demo yaml for 6 batches on 2 ranks."""
     tmp = tmp_path_factory.mktemp("dist")
-    data = ensure_demo_data(tmp / "data")
     overrides = [
-        f"variables.data_root={data}",
+        f"variables.data_root={demo_root}",
         f"save_folder={tmp / 'ckpt'}",
         f"max_duration={BATCHES}ba",
         f"eval_interval={BATCHES}ba",
@@ -61,7 +58,7 @@ def two_rank_run(tmp_path_factory):
     logs = tmp / "logs"
     logs.mkdir()
     result = launch_ranks(str(RECORD_BATCHES), [YAML, str(tmp / "batches"), *overrides], logs, LAUNCH_TIMEOUT_S)
-    return tmp, data, logs, result
+    return tmp, demo_root, logs, result
 
 
 @pytest.mark.slow
