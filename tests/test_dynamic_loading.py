@@ -216,8 +216,10 @@ def _planned_draws(demo_root, rank):
     return [next(iterator) for _ in range(24)]
 
 
-def test_state_round_trips_and_reads_the_older_list_form():
-    history = [{"batch": 100, "sample": 1600, "proportion": [0.1, 0.2, 0.3, 0.4]}]
+@pytest.mark.slow
+def test_state_round_trips_and_reads_the_older_list_form(full_run):
+    _, history = full_run  # what eval_after_all really appended: first sample, losses, proportions
+    assert len(history) == 5 and all(set(h) == {"first_sample", "losses", "proportion"} for h in history)
     saved = DynamicLoadingCallback(DEMO_DOMAINS, [0.25] * 4, [1.0] * 4)
     saved.history = [dict(entry) for entry in history]
     for state in (saved.state_dict(), {"history": history}):  # as written now / before sharded checkpoints
