@@ -69,8 +69,8 @@ def runs(demo_root, tmp_path_factory):
     from tests.helpers import sharded_crash_resume_and_single  # here: this file also runs as a rank's script
 
     tmp = tmp_path_factory.mktemp("fsdp_dynamic")
-    records = sharded_crash_resume_and_single(__file__, YAML, lambda name: _overrides(tmp, demo_root, name), tmp, CRASH_AT,
-                                              TIMEOUT_S, read=lambda path: json.loads(path.read_text()))
+    records = sharded_crash_resume_and_single(__file__, YAML, lambda name: _overrides(tmp, demo_root, name), tmp,
+                                              CRASH_AT, TIMEOUT_S, read=lambda path: json.loads(path.read_text()))
     for name, expected in (("first", "simulated crash"), ("resumed", None)):
         assert [r["error"] for r in records[name]] == [expected, expected]
     return tmp, records

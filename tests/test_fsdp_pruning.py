@@ -61,8 +61,8 @@ def runs(demo_root, tmp_path_factory):
     from tests.helpers import sharded_crash_resume_and_single  # here: this file also runs as a rank's script
 
     tmp = tmp_path_factory.mktemp("fsdp_pruning")
-    records = sharded_crash_resume_and_single(__file__, YAML, lambda name: _overrides(tmp, demo_root, name), tmp, CRASH_AT,
-                                              TIMEOUT_S, read=torch.load, record="rank{rank}.pt")
+    records = sharded_crash_resume_and_single(__file__, YAML, lambda name: _overrides(tmp, demo_root, name), tmp,
+                                              CRASH_AT, TIMEOUT_S, read=torch.load, record="rank{rank}.pt")
     return tmp, records
 
 
