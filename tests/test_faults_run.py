@@ -22,10 +22,11 @@ FAULT_SCRIPT = str(REPO_ROOT / "tests" / "scripts" / "fault_at_save.py")
 
 
 def overrides(demo_root, folder, *extra):
-    """A tiny demo run: a checkpoint every 2 batches, all kept, no evaluation (faults strike at saves)."""
+    """A tiny demo run: a checkpoint every 2 batches, all kept, no evaluation (faults strike at saves), and
+    batches of 4 samples (what is tested is the saving, not the training)."""
     return [f"variables.data_root={demo_root}", f"save_folder={folder}", "progress_bar=false",
             "log_to_console=false", "save_interval=2ba", "save_num_checkpoints_to_keep=-1", "eval_loader=null",
-            "max_duration=6ba", *extra]  # fmt: skip
+            "global_train_batch_size=4", "device_train_microbatch_size=4", "max_duration=6ba", *extra]  # fmt: skip
 
 
 def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
