@@ -16,6 +16,18 @@ import pytest
 from composer import Callback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+RECORD_BATCHES = REPO_ROOT / "tests" / "scripts" / "record_batches.py"
+# conftest's two_rank_pretrain: the demo pretrain yaml (the model shrunk) on 2 DDP ranks, 6 batches of 4
+# samples per rank, 2 loader workers, evaluated at batches 3 and 6. A proportion change waits 5 batches,
+# so none applies before the end: each rank reads its planned stream at the yaml's initial mix.
+TWO_RANK_BATCHES, TWO_RANK_PER_RANK_BATCH = 6, 4
+TWO_RANK_OVERRIDES = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.intermediate_size=64",
+    f"max_duration={TWO_RANK_BATCHES}ba", "eval_interval=3ba", f"save_interval={TWO_RANK_BATCHES}ba",
+    f"global_train_batch_size={2 * TWO_RANK_PER_RANK_BATCH}", f"device_train_microbatch_size={TWO_RANK_PER_RANK_BATCH}",
+    "device_eval_batch_size=128", "train_loader.num_workers=2", "train_loader.dataset.lookahead_batches=5",
+    "progress_bar=false", "log_to_console=false",
+]  # fmt: skip
 # Launch variables a parent run (say, pytest started under composer or torchrun) could leak into ours,
 # and the FSDP version a developer's shell may set.
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",

@@ -16,7 +16,6 @@ import transformers
 
 import train
 from llmhift.callbacks.hift import HiFTCallback
-from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.loggers import JsonlLogger
 from llmhift.report import main as report_main
 from llmhift.report import read_metrics_skipping
@@ -24,11 +23,6 @@ from tests.helpers import REPO_ROOT
 
 DEMO_YAML = "yamls/demo/pretrain.yaml"
 DOMAINS = ("code", "data", "docs", "reference")  # the demo corpus, in metric order
-
-
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("bad_inputs") / "data")
 
 
 def overrides(data_root: Path, save_folder: Path, *extra: str) -> list[str]:

@@ -20,7 +20,6 @@ from llmhift.callbacks import (
     HiFTCallback,
     PruningCallback,
 )
-from llmhift.datasets.demo_data import ensure_demo_data
 from tests.helpers import save_hf_llama
 
 # Callbacks train.py adds to every run, whatever the yaml names.
@@ -32,11 +31,6 @@ CASES = {
     "distillation": ("yamls/demo/continue_distill.yaml", DistillationCallback),
     **ALWAYS,
 }
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("contract") / "data")
 
 
 def same(a, b) -> bool:

@@ -183,16 +183,18 @@ THINKING = {"chat_rounds": [{"role": "user", "content": "2 + 3?"}, {"role": "ass
                             {"role": "user", "content": "* 4?"}, {"role": "assistant", "content": "20"}]}
 WITH_TEMPLATE = f"train_loader.dataset.chat_template={TOKENIZER_TEMPLATE}"
 # fault -> (jsonl lines, tokenizer template, overrides, what the one-line error says after `train_loader.dataset.`)
+# One fault runs through a fresh `python train.py` (exit code and streams as a user sees them); the others
+# take the same train.main in-process, which saves an interpreter start (~10 s of CPU) each.
 SUBPROCESS_FAULTS = {
     "broken_json_line": ([GOOD, '{"prompt": "Hi", "response": '], None, [], "local: ", "train.jsonl:2: not valid JSON"),
+}
+IN_PROCESS_FAULTS = {
     "missing_response": ([GOOD, {"prompt": "Hi"}], None, [], "local: ",
                          """train.jsonl:2: field 'response' is missing; write {"prompt": str, "response": str} or"""),
     "unknown_role": ([GOOD, GOOD, {"chat_rounds": [{"role": "tool", "content": "{}"}, {"role": "bot", "content": "x"}]}],
                      None, [], "local: ", "train.jsonl:3: chat_rounds[0].role 'tool' is unknown; use one of system"),
     "tokenizer_without_template": ([GOOD], None, [WITH_TEMPLATE], "chat_template: tokenizer ",
                                    "has no chat_template; leave chat_template unset for llmhift's"),
-}
-IN_PROCESS_FAULTS = {
     "missing_content": ([{"chat_rounds": [{"role": "human"}, {"role": "bot", "content": "x"}]}], None, [], "local: ",
                         "train.jsonl:1: field chat_rounds[0].content is missing"),
     "line_not_an_object": ([GOOD, [1, 2]], None, [], "local: ", "train.jsonl:2: a line must be a JSON object, got list"),
@@ -227,7 +229,7 @@ def assert_one_line_error(fault, rc, err, save_folder):
 
 @pytest.fixture(scope="module")
 def subprocess_runs(base_tokenizer, tmp_path_factory):
-    """Each fault through ``python train.py``, the interpreters started together rather than one after another."""
+    """Each subprocess fault through ``python train.py``, the interpreters started together."""
     root = tmp_path_factory.mktemp("faults")
     processes = {fault: subprocess.Popen([sys.executable, "train.py", *fault_args(root, fault, base_tokenizer)],
                                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

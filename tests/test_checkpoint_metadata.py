@@ -28,7 +28,6 @@ from llmhift.convert.composer_to_hf import main as composer_to_hf_main
 from llmhift.convert.composer_to_hf import save_composer_to_hf
 from llmhift.convert.post_pruning import main as post_pruning_main
 from llmhift.convert.post_pruning import prune_and_save_model
-from llmhift.datasets.demo_data import ensure_demo_data
 from tests.helpers import REPO_ROOT, launch_ranks, rank_logs
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -39,11 +38,6 @@ PRUNED_FIELDS = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_hea
                  "intermediate_size": 88}  # fmt: skip
 BOS, PAD, CONFIG_EOS = 3, 4, 5
 PROMPT = [[17, 250, 1033, 9, 77]]
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("metadata") / "data")
 
 
 def greedy(model, max_new_tokens=12, **generation):

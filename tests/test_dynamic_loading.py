@@ -6,12 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from composer import Callback
@@ -21,11 +15,9 @@ import train
 from llmhift.build.config import load_config
 from llmhift.build.trainer import build_trainer
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback, doremi_update
-from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset
-from tests.helpers import CrashAt
+from tests.helpers import CrashAt, rank_logs
 
-REPO = Path(__file__).resolve().parents[1]
 YAML = "yamls/demo/pretrain.yaml"
 DEMO_DOMAINS = ["code", "data", "docs", "reference"]  # the data's order, which the yaml uses too
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.intermediate_size=64",
@@ -63,11 +55,6 @@ def test_callback_refuses_bad_settings(kwargs, match):
     settings = dict(set_names=["a", "b"], proportion=[0.5, 0.5], target_loss=[1.0, 2.0]) | kwargs
     with pytest.raises(ValueError, match=match):
         DynamicLoadingCallback(**settings)
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "data")
 
 
 BAD = [
@@ -167,34 +154,11 @@ def test_crashed_run_resumes_same_batches_and_proportions(full_run, demo_root, t
     assert callback.history == history
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_gloo_ranks_read_the_planned_disjoint_samples(demo_root, tmp_path):
-    overrides = [f"variables.data_root={demo_root}", f"save_folder={tmp_path}/ckpt", *TINY, "max_duration=6ba",
-                 "eval_interval=3ba", "save_interval=6ba", "global_train_batch_size=8",
-                 "device_train_microbatch_size=4",
-                 "train_loader.num_workers=2", "train_loader.dataset.lookahead_batches=5"]  # fmt: skip
-    command = [sys.executable, "-m", "composer.cli", "-n", "2", "--master_addr", "127.0.0.1", "--master_port",
-               str(_free_port()), "--stdout", str(tmp_path / "rank{rank}.out"), "--stderr",
-               str(tmp_path / "rank{rank}.err"), "tests/scripts/record_batches.py", YAML, str(tmp_path / "rec"),
-               *overrides]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("rank*.*")))
-    assert process.returncode == 0, output[-4000:] + logs
-    recorded = [json.loads((tmp_path / "rec" / f"rank{r}.json").read_text())["batches"] for r in range(2)]
+def test_two_gloo_ranks_read_the_planned_disjoint_samples(two_rank_pretrain, demo_root):
+    tmp, process = two_rank_pretrain  # 6 batches of 4 samples per rank, eval at 3 with a 5-batch lookahead
+    assert process.returncode == 0, process.stdout[-4000:] + rank_logs(tmp / "logs")
+    recorded = [json.loads((tmp / "batches" / f"rank{r}.json").read_text())["batches"] for r in range(2)]
     for rank in range(2):
         # exactly the stream planned for this rank (seed 17, world size 2, the yaml's initial mix)
         planned = DynamicStreamingDataset(f"{demo_root}/mds", "train", DEMO_DOMAINS, batch_size=4,
@@ -222,8 +186,10 @@ def _planned_draws(demo_root, rank):
     return [next(iterator) for _ in range(24)]
 
 
-def test_state_round_trips_and_reads_the_older_list_form():
-    history = [{"batch": 100, "sample": 1600, "proportion": [0.1, 0.2, 0.3, 0.4]}]
+@pytest.mark.slow
+def test_state_round_trips_and_reads_the_older_list_form(full_run):
+    _, history = full_run  # what eval_after_all really appended: first sample, losses, proportions
+    assert len(history) == 5 and all(set(h) == {"first_sample", "losses", "proportion"} for h in history)
     saved = DynamicLoadingCallback(DEMO_DOMAINS, [0.25] * 4, [1.0] * 4)
     saved.history = [dict(entry) for entry in history]
     for state in (saved.state_dict(), {"history": history}):  # as written now / before sharded checkpoints

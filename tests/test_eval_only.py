@@ -8,16 +8,10 @@ from pathlib import Path
 import pytest
 
 import train
-from llmhift.datasets.demo_data import ensure_demo_data
 
 DEMO_YAML = "yamls/demo/pretrain.yaml"
 DOMAINS = ("code", "data", "docs", "reference")
 CE = "metrics/eval/LanguageCrossEntropy"
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "data")
 
 
 def overrides(demo_root, folder, *extra):

@@ -15,23 +15,18 @@ import torch
 
 import train
 from llmhift.checkpoint.run_folder import INCOMPLETE, RUN_LOCK
-from llmhift.datasets.demo_data import ensure_demo_data
 from tests.helpers import REPO_ROOT
 
 DEMO_YAML = "yamls/demo/pretrain.yaml"
 FAULT_SCRIPT = str(REPO_ROOT / "tests" / "scripts" / "fault_at_save.py")
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "data")
-
-
 def overrides(demo_root, folder, *extra):
-    """A tiny demo run: a checkpoint every 2 batches, all kept, no evaluation (faults strike at saves)."""
+    """A tiny demo run: a checkpoint every 2 batches, all kept, no evaluation (faults strike at saves), and
+    batches of 4 samples (what is tested is the saving, not the training)."""
     return [f"variables.data_root={demo_root}", f"save_folder={folder}", "progress_bar=false",
             "log_to_console=false", "save_interval=2ba", "save_num_checkpoints_to_keep=-1", "eval_loader=null",
-            "max_duration=6ba", *extra]  # fmt: skip
+            "global_train_batch_size=4", "device_train_microbatch_size=4", "max_duration=6ba", *extra]  # fmt: skip
 
 
 def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -64,15 +64,13 @@ def _overrides(tmp: Path, data: Path, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(demo_root, tmp_path_factory):
     """The three runs; returns (tmp, {run name: per-rank records})."""
-    from llmhift.datasets.demo_data import ensure_demo_data
     from tests.helpers import sharded_crash_resume_and_single  # here: this file also runs as a rank's script
 
     tmp = tmp_path_factory.mktemp("fsdp_dynamic")
-    data = ensure_demo_data(tmp / "data")
-    records = sharded_crash_resume_and_single(__file__, YAML, lambda name: _overrides(tmp, data, name), tmp, CRASH_AT,
-                                              TIMEOUT_S, read=lambda path: json.loads(path.read_text()))
+    records = sharded_crash_resume_and_single(__file__, YAML, lambda name: _overrides(tmp, demo_root, name), tmp,
+                                              CRASH_AT, TIMEOUT_S, read=lambda path: json.loads(path.read_text()))
     for name, expected in (("first", "simulated crash"), ("resumed", None)):
         assert [r["error"] for r in records[name]] == [expected, expected]
     return tmp, records

@@ -73,25 +73,23 @@ def unit_of(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from llmhift.datasets.demo_data import ensure_demo_data
+def runs(demo_root, tmp_path_factory):
     from llmhift.datasets.instruction import build_demo_instructions
     from tests.helpers import _DIST_ENV, launch_ranks, rank_logs
 
     tmp = tmp_path_factory.mktemp("fsdp_hift")
-    data = ensure_demo_data(tmp / "data")
     build_demo_instructions(tmp / "instructions")  # before the runs, which would race to build it
 
     env = {k: v for k, v in os.environ.items() if k not in (*_DIST_ENV, "FSDP_VERSION")}
     single = subprocess.Popen(  # one process, no FSDP; beside the first launch, which mostly waits on imports
-        [sys.executable, "train.py", YAML, *_overrides(tmp, data, "single", END), f"save_interval={END}ba"],
+        [sys.executable, "train.py", YAML, *_overrides(tmp, demo_root, "single", END), f"save_interval={END}ba"],
         cwd=REPO_ROOT, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
     try:
         fsdp = ["fsdp_config={state_dict_type: sharded}", "autoresume=true"]
         for launch, batches in (("first", STOP), ("resumed", END)):
-            args = [str(tmp / launch), *_overrides(tmp, data, "fsdp", batches), *fsdp]
+            args = [str(tmp / launch), *_overrides(tmp, demo_root, "fsdp", batches), *fsdp]
             logs = tmp / "logs" / launch
             process = launch_ranks(__file__, args, logs, timeout=TIMEOUT_S)
             assert process.returncode == 0, process.stdout[-4000:] + rank_logs(logs)

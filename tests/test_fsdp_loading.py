@@ -1,7 +1,8 @@
 """Rank-0-only loading under FSDP2 on 2 CPU ranks: only rank 0 opens the weight files, and after
 wrapping both ranks hold exactly the source weights, sharded.
 
-Two ways in, one launch each: ``model.pretrained`` naming an HF folder (``model.safetensors``), and
+Two ways in, both run one after the other in the same 2-rank launch (start-up is most of a launch's
+cost): ``model.pretrained`` naming an HF folder (``model.safetensors``), and
 Composer's own ``load_path`` naming a Composer ``.pt`` with ``fsdp_config.load_monolith_rank0_only``
 (FSDP2 fills ranks > 0 from rank 0 only if they are on the meta device; were they initialised, each
 would keep its own half of every tensor, silently). ``model.pretrained`` naming a ``.pt`` takes the
@@ -9,11 +10,12 @@ same path in ``build_model`` as the HF folder; tests/test_train.py checks its re
 tiny LLaMA of the demo shape saved by ``transformers`` and converted by llmhift's ``save_hf_to_composer``;
 its random weights differ from the yaml seed's initialisation, so a rank that kept its own init would show.
 
-This file is also the script each rank runs: ``composer -n 2 tests/test_fsdp_loading.py SOURCE OUT ...``
-records every ``open`` of a file beside SOURCE (a Python audit hook: llmhift's safetensors reader and
-``torch.load`` both open through Python), runs ``train.main`` on the demo pretrain yaml, and right
-after the Trainer is built (FSDP wrapping and the broadcast happen there) gathers the full state dict
-and writes ``OUT/rank{R}.json`` with a SHA-1 per tensor.
+This file is also the script each rank runs: ``composer -n 2 tests/test_fsdp_loading.py PLAN.json``,
+where the plan maps each case to ``[SOURCE, OUT, overrides...]``. Per case it records every ``open`` of
+a file beside SOURCE (a Python audit hook: llmhift's safetensors reader and ``torch.load`` both open
+through Python), runs ``train.main`` on the demo pretrain yaml, and right after the Trainer is built
+(FSDP wrapping and the broadcast happen there) gathers the full state dict and writes
+``OUT/rank{R}.json`` with a SHA-1 per tensor.
 """
 
 from __future__ import annotations
@@ -49,19 +51,17 @@ def tensor_digest(tensor) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One 2-rank FSDP2 launch of 1 batch per case; returns {case: (expected digests, per-rank records,
-    launch result, logs folder)}."""
+def runs(demo_root, tmp_path_factory):
+    """One 2-rank FSDP2 launch running 1 batch of each case in turn; returns {case: (expected digests,
+    per-rank records, launch result, logs folder)}."""
     import torch
     import transformers
 
     from llmhift.convert.composer_to_hf import save_hf_to_composer
-    from llmhift.datasets.demo_data import ensure_demo_data
     from llmhift.models.hf_adapter import hf_to_llmhift_state_dict
     from tests.helpers import launch_ranks  # here: this file also runs as a rank's script
 
     tmp = tmp_path_factory.mktemp("fsdp_loading")
-    data = ensure_demo_data(tmp / "data")
     with torch.random.fork_rng():
         torch.manual_seed(1234)  # not the yaml's seed (17): loaded weights differ from a fresh init
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -72,14 +72,19 @@ def runs(tmp_path_factory):
     save_hf_to_composer(tmp / "hf", tmp / "pt" / "model.pt")
     expected = {k: tensor_digest(v) for k, v in hf_to_llmhift_state_dict(hf.state_dict(), True).items()}
 
-    results = {}
+    plan = {}
     for case, (source, _, how) in CASES.items():
-        source, out, logs = tmp / source, tmp / case / "out", tmp / case / "logs"
-        args = [str(source), str(out), *(a.replace("{source}", str(source)) for a in how),
-                f"variables.data_root={data}", f"save_folder={tmp / case / 'ckpt'}", "max_duration=1ba",
-                "eval_interval=1ba", "eval_subset_num_batches=1", "device_train_microbatch_size=8",
-                "progress_bar=false", "log_to_console=false"]  # fmt: skip
-        result = launch_ranks(__file__, args, logs, LAUNCH_TIMEOUT_S, env={"FSDP_VERSION": "2"})
+        source = tmp / source
+        plan[case] = [str(source), str(tmp / case / "out"), *(a.replace("{source}", str(source)) for a in how),
+                      f"variables.data_root={demo_root}", f"save_folder={tmp / case / 'ckpt'}", "max_duration=1ba",
+                      "eval_interval=1ba", "eval_subset_num_batches=1", "device_train_microbatch_size=8",
+                      "progress_bar=false", "log_to_console=false"]  # fmt: skip
+    (tmp / "plan.json").write_text(json.dumps(plan))
+    logs = tmp / "logs"
+    result = launch_ranks(__file__, [str(tmp / "plan.json")], logs, LAUNCH_TIMEOUT_S, env={"FSDP_VERSION": "2"})
+    results = {}
+    for case in CASES:
+        out = tmp / case / "out"
         records = [json.loads(p.read_text()) if p.is_file() else None for p in (out / f"rank{r}.json" for r in (0, 1))]
         results[case] = (expected, records, result, logs)
     return results
@@ -143,20 +148,28 @@ def test_safetensors_reader_matches_the_library_and_names_a_broken_file(tmp_path
 
 
 def _rank_main(argv: list[str]) -> int:
-    source, out, overrides = Path(argv[0]).resolve(), Path(argv[1]), argv[2:]
-    watched = source if source.is_dir() else source.parent
-    opened: list[str] = []
+    plan = json.loads(Path(argv[0]).read_text())
+    watch: dict = {}  # the running case's source folder ("folder") and the files opened in it ("opened")
 
     def audit(event: str, args: tuple) -> None:
         # `open` is raised by builtins.open / io.open (and so by torch.load and llmhift's safetensors
         # reader) with the path as given; a descriptor (int) is not a path.
-        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        if event == "open" and watch and isinstance(args[0], (str, bytes, os.PathLike)):
             path = Path(os.fsdecode(args[0])).resolve()
-            if path.is_relative_to(watched):
-                opened.append(str(path.relative_to(watched)))
+            if path.is_relative_to(watch["folder"]):
+                watch["opened"].append(str(path.relative_to(watch["folder"])))
 
     sys.addaudithook(audit)  # before anything is built; a hook cannot be removed, and this process ends soon
     sys.path.insert(0, str(REPO_ROOT))
+    exit_codes = []
+    for source, out, *overrides in plan.values():  # both cases in this one process group, one after the other
+        source = Path(source).resolve()
+        watch.update(folder=source if source.is_dir() else source.parent, opened=[])
+        exit_codes.append(_run_case(Path(out), overrides, watch["opened"]))
+    return max(exit_codes)
+
+
+def _run_case(out: Path, overrides: list[str], opened: list[str]) -> int:
     from composer.utils import dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.tensor import DTensor

@@ -54,17 +54,15 @@ def _overrides(tmp: Path, data: Path, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(demo_root, tmp_path_factory):
     """The three runs; returns (tmp, {run name: per-rank records})."""
     import torch
 
-    from llmhift.datasets.demo_data import ensure_demo_data
     from tests.helpers import sharded_crash_resume_and_single  # here: this file also runs as a rank's script
 
     tmp = tmp_path_factory.mktemp("fsdp_pruning")
-    data = ensure_demo_data(tmp / "data")
-    records = sharded_crash_resume_and_single(__file__, YAML, lambda name: _overrides(tmp, data, name), tmp, CRASH_AT,
-                                              TIMEOUT_S, read=torch.load, record="rank{rank}.pt")
+    records = sharded_crash_resume_and_single(__file__, YAML, lambda name: _overrides(tmp, demo_root, name), tmp,
+                                              CRASH_AT, TIMEOUT_S, read=torch.load, record="rank{rank}.pt")
     return tmp, records
 
 

@@ -216,7 +216,8 @@ class CheckStatePlacement(Callback):
         for p, s in optimizer.state.items():
             if names[p] in self.seen:
                 assert id(s["exp_avg"]) == self.seen[names[p]]  # the parked tensor came back
-            assert s["exp_avg"].device.type == "cpu"
+            # back beside its own parameter: its device (a GPU run's GPU, not the host it was parked on), its shape
+            assert s["exp_avg"].device == p.device and s["exp_avg"].shape == p.shape
 
     def batch_end(self, state, logger) -> None:
         names = {p: n for n, p in state.model.named_parameters()}

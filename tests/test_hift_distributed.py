@@ -21,13 +21,11 @@ BATCHES = 6  # the demo model has 6 units (tied embedding, 4 blocks, norm): one 
 
 
 @pytest.mark.slow
-def test_two_ranks_finish_with_identical_parameters(tmp_path):
-    from llmhift.datasets.demo_data import ensure_demo_data
+def test_two_ranks_finish_with_identical_parameters(demo_root, tmp_path):
     from tests.helpers import launch_ranks, rank_logs  # here: this file also runs as a rank's script
 
-    data = ensure_demo_data(tmp_path / "data")
     out = tmp_path / "out"
-    args = [str(out), f"variables.data_root={data}", f"variables.instructions={tmp_path / 'instr'}",
+    args = [str(out), f"variables.data_root={demo_root}", f"variables.instructions={tmp_path / 'instr'}",
             f"save_folder={tmp_path / 'ckpt'}", f"max_duration={BATCHES}ba", f"eval_interval={BATCHES}ba",
             "global_train_batch_size=8", "device_train_microbatch_size=2", "progress_bar=false",
             "log_to_console=false", "eval_subset_num_batches=1"]

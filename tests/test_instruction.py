@@ -6,16 +6,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.datasets.instruction import InstructionDataset, build_demo_instructions
 
 TEMPLATE = {"system": "S:{content}|", "human": "H:{content}|", "bot": "B:{content}|"}
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    root = ensure_demo_data(tmp_path_factory.mktemp("demo") / "data")
-    return AutoTokenizer.from_pretrained(root / "tokenizer")
+def tokenizer(demo_root):
+    return AutoTokenizer.from_pretrained(demo_root / "tokenizer")
 
 
 def write(folder, rows):

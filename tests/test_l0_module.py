@@ -85,11 +85,16 @@ def test_deterministic_masks_keep_exactly_the_target_count_per_layer():
     head = masks["head"]  # (L, H): one gate per KV group, repeated over its 2 query heads
     assert head.shape == (4, 4) and ((head != 0).sum(-1) == 2).all()
     torch.testing.assert_close(head, l0.deterministic("head", True).repeat_interleave(2, -1))
-    # The kept entries are the largest log-alphas and carry sigmoid(log_alpha / beta * 0.8).
-    z = l0.z_loga["intermediate"].detach()
-    top = z.topk(24, dim=-1).indices
-    kept = torch.zeros_like(z).scatter_(-1, top, torch.sigmoid(z / (2 / 3) * 0.8).gather(-1, top))
-    torch.testing.assert_close(masks["intermediate"], kept)
+    # Per row the largest log-alphas keep sigmoid(1.2 * log_alpha) (LLM-Shearing's deterministic_z scales by
+    # 0.8 / beta, beta = 2/3), the rest are 0. Stated for two rows of 4 gates keeping 2:
+    small = L0Module(LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, intermediate_size=4),
+                     {"intermediate_size": 2}, ["intermediate"])
+    with torch.no_grad():
+        small.z_loga["intermediate"].copy_(torch.tensor([[3.0, -1.0, 2.0, 0.5], [-0.5, -2.0, -1.0, 1.0]]))
+    expected = torch.tensor([[0.973403, 0.0, 0.916827, 0.0],   # sigmoid(3.6), sigmoid(2.4)
+                             [0.354344, 0.0, 0.0, 0.768525]])  # sigmoid(-0.6): a kept gate may sit below 0.5
+    torch.testing.assert_close(small.deterministic_masks(exact_target=True)["intermediate"], expected,
+                               rtol=0, atol=1e-6)
     l0.eval_target_model = True
     assert all(torch.equal(l0.eval()()[k], masks[k]) for k in masks)
     assert set(l0.train()()) == set(ALL)

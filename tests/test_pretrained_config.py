@@ -22,7 +22,6 @@ import train
 from llmhift.build.config import load_config
 from llmhift.build.trainer import build_model, build_trainer
 from llmhift.convert.composer_to_hf import save_hf_to_composer
-from llmhift.datasets.demo_data import ensure_demo_data
 from tests.helpers import LLAMA3_8B_CONFIG, REPO_ROOT, config_only_model
 
 HF_CONFIG = dict(
@@ -39,7 +38,7 @@ RESOLVED = dict(vocab_size=2048, d_model=96, n_layers=2, n_heads=6, n_kv_heads=2
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def source(demo_root, tmp_path_factory):
     """(the HF model, its folder, the demo data folder, a yaml whose model section is name + pretrained)."""
     import transformers
 
@@ -48,11 +47,10 @@ def source(tmp_path_factory):
         torch.manual_seed(0)
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG)).eval()
     hf.save_pretrained(tmp / "hf")
-    data = ensure_demo_data(tmp / "data")
     recipe = yaml.safe_load((REPO_ROOT / "yamls/demo/pretrain.yaml").read_text())
     recipe["model"] = {"name": "llama", "pretrained": str(tmp / "hf")}
     (tmp / "short.yaml").write_text(yaml.safe_dump(recipe))
-    return hf, tmp / "hf", data, tmp / "short.yaml"
+    return hf, tmp / "hf", demo_root, tmp / "short.yaml"
 
 
 def run_args(data, save_folder, *extra) -> list[str]:

@@ -12,16 +12,10 @@ from llmhift.build.config import load_config
 from llmhift.build.trainer import build_model, build_trainer
 from llmhift.convert.composer_to_hf import save_composer_to_hf
 from llmhift.convert.post_pruning import prune_and_save_model
-from llmhift.datasets.demo_data import ensure_demo_data
 from tests.helpers import CrashAt, config_only_model
 
 DEMO_PRUNE = "yamls/demo/prune.yaml"
 TARGET = {"d_model": 64, "n_heads": 2, "n_kv_heads": 1, "n_layers": 3, "intermediate_size": 176}
-
-
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    return ensure_demo_data(tmp_path_factory.mktemp("prune-demo") / "data")
 
 
 def overrides(demo_root, save_folder, *extra):

@@ -1,9 +1,11 @@
 """The demo pretraining run on 2 CPU processes (``composer -n 2``, DDP over gloo): it finishes, writes
 its checkpoint, and the two ranks train on disjoint samples.
 
-One launch covers both: ``tests/scripts/record_batches.py`` runs ``train.main`` itself (the code
-behind ``composer -n 2 train.py yamls/demo/pretrain.yaml ...``) with a callback that hashes every
-sample of every train batch on each rank.
+One launch covers both, and tests/test_dynamic_loading.py reads it too (conftest's ``two_rank_pretrain``):
+``tests/scripts/record_batches.py`` runs ``train.main`` itself (the code behind
+``composer -n 2 train.py yamls/demo/pretrain.yaml ...``) with a callback that hashes every sample of every
+train batch on each rank. The model is shrunk (``TWO_RANK_OVERRIDES``): what is checked here is the
+launch, the data and the checkpoint, not what the model learns.
 """
 
 from __future__ import annotations
@@ -16,16 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import launch_ranks, rank_logs
+from tests.helpers import TWO_RANK_BATCHES, TWO_RANK_PER_RANK_BATCH, rank_logs
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECORD_BATCHES = REPO_ROOT / "tests" / "scripts" / "record_batches.py"
-YAML = "yamls/demo/pretrain.yaml"
 WORLD_SIZE = 2
-GLOBAL_BATCH = 8
-PER_RANK_BATCH = GLOBAL_BATCH // WORLD_SIZE
-BATCHES = 6
-LAUNCH_TIMEOUT_S = 240
+
 
 def _corpus_counts(mds: Path) -> Counter:
     """How often each sample's content occurs in the train split (the corpus has a few duplicate
@@ -42,31 +38,10 @@ def _corpus_counts(mds: Path) -> Counter:
     return counts
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    """Builds the demo data once, then runs the demo yaml for 6 batches on 2 ranks."""
-    from llmhift.datasets.demo_data import ensure_demo_data
-
-    tmp = tmp_path_factory.mktemp("dist")
-    data = ensure_demo_data(tmp / "data")
-    overrides = [
-        f"variables.data_root={data}",
-        f"save_folder={tmp / 'ckpt'}",
-        f"max_duration={BATCHES}ba",
-        f"eval_interval={BATCHES}ba",
-        f"global_train_batch_size={GLOBAL_BATCH}",
-        f"device_train_microbatch_size={PER_RANK_BATCH}",
-        "progress_bar=false",
-    ]
-    logs = tmp / "logs"
-    logs.mkdir()
-    result = launch_ranks(str(RECORD_BATCHES), [YAML, str(tmp / "batches"), *overrides], logs, LAUNCH_TIMEOUT_S)
-    return tmp, data, logs, result
-
-
 @pytest.mark.slow
-def test_two_rank_run_finishes_and_saves(two_rank_run):
-    tmp, _, logs, result = two_rank_run
+def test_two_rank_run_finishes_and_saves(two_rank_pretrain):
+    tmp, result = two_rank_pretrain
+    logs = tmp / "logs"
     assert result.returncode == 0, f"{' '.join(result.args)}\n{result.stdout[-6000:]}{rank_logs(logs)}"
     assert (tmp / "ckpt" / "latest-rank0.pt").exists()
     assert (tmp / "ckpt" / "config.yaml").is_file()  # train.py's resolved config, written by rank 0 only
@@ -77,21 +52,21 @@ def test_two_rank_run_finishes_and_saves(two_rank_run):
 
 
 @pytest.mark.slow
-def test_ranks_train_on_disjoint_samples(two_rank_run):
-    tmp, data, logs, result = two_rank_run
-    assert result.returncode == 0, f"{result.stdout[-6000:]}{rank_logs(logs)}"
+def test_ranks_train_on_disjoint_samples(two_rank_pretrain, demo_root):
+    tmp, result = two_rank_pretrain
+    assert result.returncode == 0, f"{result.stdout[-6000:]}{rank_logs(tmp / 'logs')}"
     records = [json.loads((tmp / "batches" / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
     assert records[0]["pid"] != records[1]["pid"]
     seen = []
     for record in records:
         batches = record["batches"]
-        assert len(batches) == BATCHES, f"rank {record['rank']}: {len(batches)} train batches"
-        assert all(len(batch) == PER_RANK_BATCH for batch in batches), [len(b) for b in batches]
+        assert len(batches) == TWO_RANK_BATCHES, f"rank {record['rank']}: {len(batches)} train batches"
+        assert all(len(batch) == TWO_RANK_PER_RANK_BATCH for batch in batches), [len(b) for b in batches]
         hashes = [h for batch in batches for h in batch]
         assert len(set(hashes)) >= 0.9 * len(hashes), f"rank {record['rank']} repeats samples"
         seen.append(Counter(hashes))
 
-    corpus = _corpus_counts(Path(data) / "mds")
+    corpus = _corpus_counts(demo_root / "mds")
     assert all(h in corpus for c in seen for h in c), "a recorded sample is not in the train split"
     # Content seen on both ranks would mean both read the same sample, unless the corpus itself holds
     # that content more than once; then the two ranks together may not exceed its count.
