@@ -18,13 +18,16 @@ TINY = dict(vocab_size=64, d_model=16, n_layers=1, n_heads=2, intermediate_size=
 
 def test_unwrap_model_takes_the_model_out_of_ddp_only(tmp_path):
     model = ComposerLlama(TINY)
-    torch_dist.init_process_group("gloo", store=torch_dist.FileStore(str(tmp_path / "store"), 1), rank=0,
-                                  world_size=1)
+    own_group = not torch_dist.is_initialized()  # an earlier Trainer in this process leaves Composer's group up
+    if own_group:
+        torch_dist.init_process_group("gloo", store=torch_dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                                      world_size=1)
     try:
         wrapped = DistributedDataParallel(model)
         assert unwrap_model(wrapped) is model
     finally:
-        torch_dist.destroy_process_group()
+        if own_group:
+            torch_dist.destroy_process_group()
     assert unwrap_model(model) is model
     holder = torch.nn.Module()
     holder.module = torch.nn.Linear(2, 2)  # a model's own submodule named `module` is not a wrapper
