@@ -24,28 +24,22 @@ sys.path.insert(0, str(REPO / "scripts"))  # scripts/demo_pipeline.py: the pipel
 from demo_pipeline import pipeline_commands  # noqa: E402
 
 from llmhift.callbacks.distillation import DISTILL_KL, DISTILL_TEACHER_CE  # noqa: E402
+from llmhift.errors import UserError, cli_errors  # noqa: E402
+from llmhift.loggers import metric_key  # noqa: E402
+from llmhift.models.metrics import DOMAIN_METRIC_SUFFIX  # noqa: E402
+from llmhift.report import EVAL_CE, read_metrics  # noqa: E402
 
-EVAL_CE = "metrics/eval/LanguageCrossEntropy"
 TIMED_FROM = 2  # batches left out of the step time (first-call overheads)
-
-
-def _metrics(path: Path) -> dict[str, dict[int, float]]:
-    values: dict[str, dict[int, float]] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        batch = record.pop("batch")
-        for key, value in record.items():
-            values.setdefault(key, {})[batch] = value
-    return values
 
 
 def _run(yaml: str, folder: Path, overrides: list[str]) -> dict[str, dict[int, float]]:
     command = [sys.executable, "train.py", yaml, f"save_folder={folder}", *overrides]
     if subprocess.run(command, cwd=REPO, stdout=sys.stderr).returncode != 0:  # stdout: the JSON alone
         raise SystemExit(f"error: {' '.join(command)} failed; see its output above")
-    return _metrics(folder / "metrics.jsonl")
+    return read_metrics(folder / "metrics.jsonl")
 
 
+@cli_errors()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="demo_runs", help="the demo pipeline's folder (default demo_runs)")
@@ -67,8 +61,7 @@ def main() -> int:
     student = root / "demo-prune" / "checkpoints" / "pruned-latest-rank0.pt"
     for path in (teacher, student):
         if not path.exists():
-            print(f"error: {path} does not exist; run `make demo`, or this bench with --prepare tiny", file=sys.stderr)
-            return 2
+            raise UserError(f"{path} does not exist; run `make demo`, or this bench with --prepare tiny")
     overrides = [
         f"variables.data_root={root / 'data'}", f"variables.pruned_model={student}", f"variables.teacher={teacher}",
         f"max_duration={args.batches}ba", f"eval_interval={args.batches}ba", "eval_first=true",
@@ -85,7 +78,8 @@ def main() -> int:
         hours = log["time/train"]
         return (hours[args.batches] - hours[TIMED_FROM]) * 3600 / (args.batches - TIMED_FROM)
 
-    domains = sorted(k for k in runs["lm_only"] if k.startswith("metrics/eval/") and k.endswith("_LanguageCrossEntropy"))
+    eval_prefix = metric_key("")
+    domains = sorted(k for k in runs["lm_only"] if k.startswith(eval_prefix) and k.endswith(DOMAIN_METRIC_SUFFIX))
     final = {name: log[EVAL_CE][args.batches] for name, log in runs.items()}
     steps = {name: step_s(log) for name, log in runs.items()}
     report = {
@@ -93,7 +87,7 @@ def main() -> int:
         "tokens": int(runs["kd"]["time/token"][args.batches]),
         "teacher": str(teacher), "student": str(student), "alpha": args.alpha, "temperature": args.temperature,
         "eval_ce": {"start": runs["lm_only"][EVAL_CE][0], **final},
-        "eval_ce_per_domain": {d.removeprefix("metrics/eval/").removesuffix("_LanguageCrossEntropy"):
+        "eval_ce_per_domain": {d.removeprefix(eval_prefix).removesuffix(DOMAIN_METRIC_SUFFIX):
                                {name: log[d].get(args.batches) for name, log in runs.items()} for d in domains},
         "lower_eval_ce": min(final, key=final.get),
         "kd_minus_lm_only": final["kd"] - final["lm_only"],

@@ -13,7 +13,7 @@ from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset
 
 from llmhift.callbacks.hift import HiFTCallback
-from llmhift.callbacks.hift.schedule import cycle_of, group_at, plan_groups
+from llmhift.callbacks.hift.schedule import cycle_of, find_units, group_at, plan_groups
 from llmhift.models.llama import ComposerLlama
 from tests.helpers import CrashAt
 
@@ -295,7 +295,7 @@ def test_units_are_found_structurally_in_transformers_models(arch):
 
     config, expected = hf_configs()[arch]
     model = ComposerHFCausalLM.from_config(config)
-    units = HiFTCallback.find_units(model)
+    units = find_units(model)
     assert [u for u, _ in units] == expected
     names = [n for _, members in units for n in members]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each parameter in exactly one unit

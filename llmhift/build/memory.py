@@ -48,6 +48,7 @@ from llmhift.build.parallel import RESHARD_AFTER_FORWARD, fsdp_version, parallel
 from llmhift.build.trainer import TEACHER_KEY, build_callbacks, build_teacher
 from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.hift import HiFTCallback
+from llmhift.callbacks.hift.schedule import find_units
 from llmhift.models.hf_causal_lm import D_MODEL_NAMES, N_LAYERS_NAMES, ComposerHFCausalLM
 from llmhift.models.l0_module import count_params  # the dry run's source and target sizes
 from llmhift.models.llama import LlamaConfig
@@ -392,7 +393,7 @@ def default_world_size() -> int:
 def _hift_groups(model: nn.Module, hift: HiFTCallback) -> list[tuple[list[nn.Parameter], list[str]]]:
     """Each set of units HiFT trains at once (a cycled group plus ``always_active``): (its parameters,
     its unit names), planned by the callback's own schedule, whose errors are the run's."""
-    units = HiFTCallback.find_units(model)
+    units = find_units(model)
     plan = hift.plan(units)
     named = dict(model.named_parameters())
     sets = [plan.trained_with(g) for g in range(len(plan.groups))]
@@ -408,7 +409,7 @@ def _blocks(model: nn.Module) -> list[int]:
     """Elements of each decoder block: FSDP shards every block as its own unit (the model's
     ``fsdp_wrap_fn``), the blocks HiFT finds too."""
     named = dict(model.named_parameters())
-    return [sum(named[n].numel() for n in names) for unit, names in HiFTCallback.find_units(model)
+    return [sum(named[n].numel() for n in names) for unit, names in find_units(model)
             if unit.startswith("block.")]
 
 

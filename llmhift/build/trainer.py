@@ -43,8 +43,9 @@ from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
+from llmhift.callbacks.hift.schedule import find_units
 from llmhift.callbacks.pruning import PruningCallback
-from llmhift.checkpoint.io import read_llama_weights, source_metadata, tokenizer_files
+from llmhift.checkpoint.io import TOKENIZER_FILES_KEY, read_llama_weights, source_metadata, tokenizer_files
 from llmhift.checkpoint.run_folder import AtomicCheckpointSaver, checkpoint_problem, prepare_run_folder
 from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
@@ -504,7 +505,7 @@ def _units_of(config: TrainConfig) -> list[tuple[str, list[str]]] | None:
                                                                                 local_files_only=True))
     else:
         return None  # build_model names what is missing
-    return HiFTCallback.find_units(model)
+    return find_units(model)
 
 
 def check_hift(config: TrainConfig) -> None:
@@ -586,7 +587,7 @@ def check_distillation(config: TrainConfig) -> None:
     student_vocab = _vocab_size(student) if config.model["name"] == "hf_causal_lm" else config.model["vocab_size"]
     try:
         teacher_vocab = _vocab_size(path)
-        teacher_files = source_metadata(path).get("tokenizer_files", {})
+        teacher_files = source_metadata(path).get(TOKENIZER_FILES_KEY, {})
     except ConversionError as err:
         raise ConfigError(f"{TEACHER_KEY}: {err}") from None
     if teacher_vocab != student_vocab:
@@ -595,7 +596,7 @@ def check_distillation(config: TrainConfig) -> None:
     if config.tokenizer is not None and Path(config.tokenizer.name).is_dir():
         where, student_files = config.tokenizer.name, tokenizer_files(config.tokenizer.name)
     else:
-        where, student_files = student, source_metadata(student).get("tokenizer_files", {}) if student else {}
+        where, student_files = student, source_metadata(student).get(TOKENIZER_FILES_KEY, {}) if student else {}
     differ = sorted(n for n in set(teacher_files) & set(student_files) if teacher_files[n] != student_files[n])
     if differ:
         raise ConfigError(f"{TEACHER_KEY}: {path}'s tokenizer differs from the student's ({where}) in {differ}; "

@@ -12,6 +12,7 @@ from composer.loggers import Logger
 
 from llmhift.loggers import EVAL_LABEL
 from llmhift.mixture import DomainMixDataset, check_proportion
+from llmhift.models.causal_lm import unwrap_model
 from llmhift.models.metrics import DOMAIN_METRIC_SUFFIX
 
 __all__ = ["DynamicLoadingCallback", "doremi_update", "UPDATE_TYPES", "PROPORTION_KEY", "EXCESS_LOSS_KEY"]
@@ -165,7 +166,7 @@ class DynamicLoadingCallback(Callback):
                 stacklevel=2,
             )
             return
-        model = getattr(state.model, "module", state.model)  # DDP wraps the ComposerModel
+        model = unwrap_model(state.model)
         metrics = model.get_metrics(is_train=False)
         missing = [d for d in self.set_names if f"{d}{DOMAIN_METRIC_SUFFIX}" not in metrics]
         if missing:

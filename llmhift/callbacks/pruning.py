@@ -65,6 +65,8 @@ def _optimizer_problem(state: State, l0: L0Module) -> str | None:
     if unseen:
         return f"{sorted(unseen)[0]} is in no optimizer group"
     return None
+
+
 class PruningCallback(Callback):
     """Targeted structured pruning (Sheared-LLaMA) with the model's :class:`L0Module`.
 

@@ -101,8 +101,6 @@ class HiFTCallback(Callback):
     +-----------------------+--------------------------------------------------+
     """
 
-    find_units = staticmethod(find_units)
-
     def __init__(
         self,
         group_element: int = 1,
