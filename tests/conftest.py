@@ -1,6 +1,7 @@
 """Session-wide fixtures: what several test files read is built once per ``make test``: the embedded
 demo corpus and tokenizer, and the 2-rank demo run (a launch costs 15-30 s of start-up alone)."""
 
+import resource
 import subprocess
 from pathlib import Path
 
@@ -26,3 +27,17 @@ def two_rank_pretrain(demo_root, tmp_path_factory) -> tuple[Path, subprocess.Com
     args = ["yamls/demo/pretrain.yaml", str(tmp / "batches"), f"variables.data_root={demo_root}",
             f"save_folder={tmp / 'ckpt'}", *TWO_RANK_OVERRIDES]  # fmt: skip
     return tmp, launch_ranks(str(RECORD_BATCHES), args, tmp / "logs", timeout=300)
+
+
+
+def _raise_open_file_limit() -> None:
+    """mosaicml-streaming opens every /dev/shm segment its prefix scan finds, so the segments a
+    SIGKILLed run leaves behind (the fault tests make such runs) cost each later in-process dataset
+    one descriptor per segment; with the soft limit at the hard one (often 1024 vs much more) a suite
+    of ~40 in-process Trainers does not trip over EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+_raise_open_file_limit()
