@@ -1,11 +1,11 @@
 """Session-wide fixtures: what several test files read is built once per ``make test``: the embedded
 demo corpus and tokenizer, and the 2-rank demo run (a launch costs 15-30 s of start-up alone)."""
 
-import resource
 import subprocess
 from pathlib import Path
 
 import pytest
+from streaming.base.util import clean_stale_shared_memory
 
 from llmhift.datasets.demo_data import ensure_demo_data
 from tests.helpers import RECORD_BATCHES, TWO_RANK_OVERRIDES, launch_ranks
@@ -30,14 +30,12 @@ def two_rank_pretrain(demo_root, tmp_path_factory) -> tuple[Path, subprocess.Com
 
 
 
-def _raise_open_file_limit() -> None:
-    """mosaicml-streaming opens every /dev/shm segment its prefix scan finds, so the segments a
-    SIGKILLed run leaves behind (the fault tests make such runs) cost each later in-process dataset
-    one descriptor per segment; with the soft limit at the hard one (often 1024 vs much more) a suite
-    of ~40 in-process Trainers does not trip over EMFILE."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-
-_raise_open_file_limit()
+@pytest.fixture(autouse=True)
+def _unlink_stale_shared_memory():
+    """mosaicml-streaming opens, and keeps open, every /dev/shm segment its prefix scan finds. Segments
+    of finished or SIGKILLed runs (the fault tests make such runs) would cost each later in-process
+    dataset one descriptor apiece, until the suite hits EMFILE; no dataset outlives its test, so each
+    test ends by unlinking them (mappings still open stay valid)."""
+    yield
+    clean_stale_shared_memory()
