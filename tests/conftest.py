@@ -1,10 +1,13 @@
 """Session-wide fixtures: what several test files read is built once per ``make test``: the embedded
 demo corpus and tokenizer, and the 2-rank demo run (a launch costs 15-30 s of start-up alone)."""
 
+import gc
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from streaming.base.shared.memory import SharedMemory as StreamingSharedMemory
 from streaming.base.util import clean_stale_shared_memory
 
 from llmhift.datasets.demo_data import ensure_demo_data
@@ -39,3 +42,10 @@ def _unlink_stale_shared_memory():
     test ends by unlinking them (mappings still open stay valid)."""
     yield
     clean_stale_shared_memory()
+    if len(os.listdir("/proc/self/fd")) > 2000:  # streaming's atexit hooks keep every segment's descriptor
+        for obj in gc.get_objects():
+            if isinstance(obj, StreamingSharedMemory):
+                try:
+                    obj.shm.close()
+                except (BufferError, OSError):
+                    continue
