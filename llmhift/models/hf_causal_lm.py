@@ -113,7 +113,9 @@ class ComposerHFCausalLM(ComposerModel):
             attention_mask=batch.get("attention_mask"),
             use_cache=False,
         )
-        return outputs.logits  # (B, T, V)
+        # peft's prompt and P-tuning put their virtual tokens in front of the input: their positions
+        # predict nothing of the batch, so only the last T positions are the batch's logits.
+        return outputs.logits[:, -batch["input_ids"].shape[1] :]  # (B, T, V)
 
     def loss(self, outputs: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return causal_lm_loss(outputs, next_token_targets(batch))

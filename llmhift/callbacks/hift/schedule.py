@@ -21,8 +21,10 @@ def find_units(model: nn.Module) -> list[Unit]:
     """The model's units, bottom to top, as (unit name, names of its trainable parameters).
 
     Found from the module structure, not from parameter names: the input embedding (with a tied LM
-    head and any other embedding table), each block of the model's largest ``nn.ModuleList``, the rest
-    after the blocks (the final norm), and the LM head (a ``Linear`` with vocabulary outputs). Only
+    head and any other embedding table, each with the largest module around it that holds no block:
+    BERT's embeddings with their LayerNorm, ``peft``'s virtual-token encoder with its MLP), each block
+    of the model's largest ``nn.ModuleList``, the final norm (modules whose class names a ``Norm``), and
+    the head: everything else after the blocks (an LM head, an encoder's pooler and classifier). Only
     parameters that require grad count, so a ``peft`` model cycles over its adapters; empty units are
     dropped."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
@@ -30,21 +32,24 @@ def find_units(model: nn.Module) -> list[Unit]:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks; HiFT cannot find its layers")
     blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
     unit_of = {id(p): f"block.{i}" for i, block in enumerate(blocks) for p in block.parameters()}
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    vocab = embeddings[0].num_embeddings if embeddings else -1
+    parent = {id(child): module for module in model.modules() for child in module.children()}
+    around, holds_blocks = blocks, {id(blocks)}  # the blocks' list and every module around it
+    while id(around) in parent:
+        around = parent[id(around)]
+        holds_blocks.add(id(around))
+    for table in (m for m in model.modules() if isinstance(m, nn.Embedding)):
+        while id(table) in parent and id(parent[id(table)]) not in holds_blocks:
+            table = parent[id(table)]
+        for p in table.parameters():
+            unit_of.setdefault(id(p), "embedding")
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            if id(p) in unit_of:
-                continue
-            if isinstance(module, nn.Embedding):
-                unit_of[id(p)] = "embedding"
-            elif isinstance(module, nn.Linear) and module.out_features == vocab:
-                unit_of[id(p)] = "head"
+            unit_of.setdefault(id(p), "norm" if "Norm" in type(module).__name__ else "head")
     order = ["embedding", *(f"block.{i}" for i in range(len(blocks))), "norm", "head"]
     members: dict[str, list[str]] = {name: [] for name in order}
     for name, p in model.named_parameters():  # a tied head appears once, under the embedding
         if p.requires_grad:
-            members[unit_of.get(id(p), "norm")].append(name)
+            members[unit_of[id(p)]].append(name)
     return [(name, members[name]) for name in order if members[name]]
 
 
@@ -74,6 +79,11 @@ def plan_groups(units: Sequence[Unit], group_element: int, freeze_layers: Sequen
 
     A ``group_element`` above the number of cycled units asks for groups that cannot exist (it would
     silently become full fine-tuning), so it is refused rather than run."""
+    if len(units) == 1:
+        name, params = units[0]
+        raise ValueError(f"the model has one trainable unit ({name!r}: {params[0]}, ...), so HiFT has nothing to "
+                         "cycle (a prompt, prefix or P-tuning model trains one virtual-token table); drop "
+                         "callbacks.hift and train it whole")
     frozen = _indices("freeze_layers", freeze_layers, units)
     always = _indices("always_active", always_active, units)
     if set(frozen) & set(always):
