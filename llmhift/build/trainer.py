@@ -16,6 +16,7 @@ import torch
 from composer import Algorithm, Callback, Evaluator, Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
+from composer.core import Time, TimeUnit
 from composer.loggers import FileLogger, LoggerDestination
 from composer.models import ComposerModel
 from composer.optim import (
@@ -39,6 +40,7 @@ from llmhift.build.resolve import (
     resolve_llama_section,
     resolve_model_section,
 )
+from llmhift.callbacks.adalora import AdaLoRAAllocator
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
@@ -56,6 +58,7 @@ from llmhift.models.hf_adapter import ConversionError, infer_llama_config
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
 from llmhift.models.l0_module import L0Module, pruning_param_groups
 from llmhift.models.llama import ComposerLlama, LlamaConfig
+from llmhift.models.peft import peft_config, quantization_config, wrap_peft
 
 __all__ = [
     "CALLBACKS",
@@ -82,6 +85,7 @@ __all__ = [
     "check_sequence_length",
     "check_load_path",
     "check_hift",
+    "check_peft",
     "check_distillation",
     "build_teacher",
     "TEACHER_KEY",
@@ -154,7 +158,10 @@ def build_callbacks(config: TrainConfig) -> list[Callback]:
         section = dict(entries["distillation"] or {})
         section["teacher"] = functools.partial(build_teacher, config, _teacher_path(section, must_exist=False))
         entries["distillation"] = section
-    return [*_build_named("callbacks", CALLBACKS, entries), metadata]
+    built = [*_build_named("callbacks", CALLBACKS, entries), metadata]
+    if (config.model.get("peft") or {}).get("type") == "adalora":
+        built.append(AdaLoRAAllocator())  # AdaLoRA's rank schedule runs in the training loop
+    return built
 
 
 def build_loggers(config: TrainConfig) -> list[LoggerDestination]:
@@ -326,9 +333,16 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> C
         return model
     if name == "hf_causal_lm":
         resolve_hf_section(section)  # a yaml key contradicting config.json is refused, not silently applied
-        kwargs = {k: v for k, v in section.items() if k not in ("name", "pretrained")}
+        kwargs = {k: v for k, v in section.items() if k not in ("name", "pretrained", "peft")}
+        adapters = section.get("peft")
         try:
-            return ComposerHFCausalLM.from_pretrained(section["pretrained"], eval_domains=eval_domains or (), **kwargs)
+            if adapters is not None and adapters.get("quantize") is not None:
+                kwargs["quantization_config"] = quantization_config(adapters)
+            model = ComposerHFCausalLM.from_pretrained(section["pretrained"], eval_domains=eval_domains or (), **kwargs)
+            if adapters is None:
+                return model
+            return ComposerHFCausalLM(wrap_peft(model.model, adapters, _total_steps(config)),
+                                      eval_domains=eval_domains or ())
         except (OSError, TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from None
     raise ConfigError(f"model.name: {name!r} is not one of {MODELS}")
@@ -503,6 +517,8 @@ def _units_of(config: TrainConfig) -> list[tuple[str, list[str]]] | None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(section["pretrained"],
                                                                                 local_files_only=True))
+            if section.get("peft") is not None:  # HiFT cycles over the adapters
+                model = wrap_peft(model, section["peft"], _total_steps(config))
     else:
         return None  # build_model names what is missing
     return find_units(model)
@@ -520,6 +536,33 @@ def check_hift(config: TrainConfig) -> None:
             hift.plan(units)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"callbacks.hift: {err}") from None
+
+
+def _total_steps(config: TrainConfig) -> int | None:
+    """The run's length in optimizer steps, when max_duration is given in batches."""
+    duration = Time.from_timestring(str(config.max_duration))
+    return int(duration.value) if duration.unit == TimeUnit.BATCH else None
+
+
+def check_peft(config: TrainConfig) -> None:
+    """``model.peft``: the method and its settings, before the model is loaded."""
+    section = config.model.get("peft")
+    if section is None:
+        return
+    if config.model["name"] != "hf_causal_lm":
+        raise ConfigError("model.peft: needs model.name: hf_causal_lm; export the llama checkpoint first "
+                          "(python -m llmhift.convert.composer_to_hf save_composer_to_hf CKPT DIR) and set "
+                          "model.pretrained: DIR")
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"model.peft: expected a mapping such as {{type: lora, r: 8}}, got {section!r}")
+    try:
+        peft_config(section, _total_steps(config))
+        quantization_config(section)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if section["type"] == "adalora" and "hift" in config.callbacks:
+        raise ConfigError("callbacks.hift: AdaLoRA's rank allocator scores every adapter's gradient at every step "
+                          "and HiFT leaves inactive blocks without one; drop callbacks.hift or use lora/ia3")
 
 
 TEACHER_KEY = "callbacks.distillation.teacher"
@@ -619,6 +662,7 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     check_precision(config)
     check_activation_checkpointing(config)
     check_optimization(config)
+    check_peft(config)
     _report(resolve_model(config))
     if config.model["name"] == "llama":
         build_l0_module(config)

@@ -22,6 +22,7 @@ from llmhift.models.causal_lm import unwrap_model
 from llmhift.models.hf_adapter import ConversionError
 from llmhift.models.l0_module import TARGET_KEYS, L0Module
 from llmhift.models.llama import ComposerLlama
+from llmhift.models.peft import PEFT_CONFIG_KEY, peft_config_dict
 
 __all__ = ["CheckpointMetadataCallback", "l0_module_config"]
 
@@ -50,7 +51,7 @@ class CheckpointMetadataCallback(Callback):
     which Composer writes into file and sharded checkpoints alike (``state.callbacks``, under the name
     ``llmhift.checkpoint.io.METADATA_CALLBACK``); ``llmhift.checkpoint.io.stored_metadata(path)``
     reads it back. It is collected at INIT: the model's config (``ComposerLlama``: ``config.to_dict()``,
-    and the ``L0Module``'s arguments when pruning) and, with ``source``, the source's metadata (an HF
+    and the ``L0Module``'s arguments when pruning; a ``peft`` model: its adapter config) and, with ``source``, the source's metadata (an HF
     folder's files, or what a Composer checkpoint or ``pruned-*.pt`` itself carries, passed on). Rank 0
     reads the source's files and broadcasts them: other ranks read nothing of the source.
 
@@ -111,6 +112,9 @@ class CheckpointMetadataCallback(Callback):
             metadata[MODEL_CONFIG_KEY] = model.config.to_dict()
             if isinstance(model.mask_source, L0Module):
                 metadata[L0_MODULE_KEY] = l0_module_config(model.mask_source)
+        adapters = peft_config_dict(model)
+        if adapters is not None:  # what save_composer_to_hf rebuilds the adapters from, to merge or save them
+            metadata[PEFT_CONFIG_KEY] = adapters
         self.metadata = metadata
 
     def state_dict(self) -> dict[str, Any]:

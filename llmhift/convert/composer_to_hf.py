@@ -6,7 +6,9 @@
 ``save_composer_to_hf`` keys: ``dtype`` (fp32, bf16, fp16; default fp32), ``tokenizer`` (a folder to
 copy into the output), ``overwrite`` (default false; replaces only this command's own previous
 output), and any LlamaConfig field (``n_heads``, ``rope_theta``, ...) that neither the checkpoint nor
-the weights' shapes tell.
+the weights' shapes tell. A ``model.peft`` run's checkpoint becomes an adapter folder for
+``PeftModel.from_pretrained``, or with ``merge_peft=true`` (LoRA, AdaLoRA, IA3) an HF folder with the
+adapters merged into the weights.
 No Hub access: the HF config comes from the weights and the configs stored with them.
 """
 
@@ -35,10 +37,12 @@ from llmhift.checkpoint.io import (
     read_hf_weights,
     run_config_beside,
     source_metadata,
+    stored_metadata,
     tokenizer_files,
     write_hf_weights,
 )
 from llmhift.convert.common import file_written_by, parse_overrides, save_torch_file
+from llmhift.convert.peft_export import rebuild_peft_model, write_peft_export
 from llmhift.errors import cli_errors
 from llmhift.models.hf_adapter import (
     ConversionError,
@@ -50,6 +54,7 @@ from llmhift.models.hf_adapter import (
     llmhift_to_hf_state_dict,
 )
 from llmhift.models.llama import MASK_SOURCE_PREFIX, LlamaConfig
+from llmhift.models.peft import PEFT_CONFIG_KEY
 
 __all__ = ["save_hf_to_composer", "save_composer_to_hf", "load_llama_checkpoint", "main"]
 
@@ -116,13 +121,17 @@ def save_composer_to_hf(
     dtype: str = "fp32",
     tokenizer: str | Path | None = None,
     overwrite: bool = False,
+    merge_peft: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """A Composer checkpoint or state dict -> an HF LlamaForCausalLM folder (safetensors), atomically.
 
     With a source model known to the checkpoint (trained from an HF folder, or converted from one), the
     folder keeps what the source had: its config.json except the fields the weights changed (a pruned
-    shape) and the dtype, its generation_config.json and its tokenizer files."""
+    shape) and the dtype, its generation_config.json and its tokenizer files.
+
+    A ``model.peft`` run's checkpoint (its metadata holds the adapters' config) becomes the adapter
+    folder, or with ``merge_peft`` the source model with the adapters merged into its weights."""
     if dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     if tokenizer is not None and not Path(tokenizer).is_dir():
@@ -132,6 +141,15 @@ def save_composer_to_hf(
     inputs = [Path(checkpoint_path), *([tokenizer] if tokenizer else [])]
     check_inputs(out_dir, inputs)
     check_destination(out_dir, overwrite, TO_HF)
+    stored = stored_metadata(checkpoint_path)
+    if PEFT_CONFIG_KEY in stored:
+        if config_overrides:
+            raise ConversionError(f"{sorted(config_overrides)}: LlamaConfig fields apply to llama checkpoints; a peft "
+                                  "checkpoint's architecture is its source's config.json, drop them")
+        return _save_peft(checkpoint_path, out_dir, stored, merge_peft, dtype, tokenizer, overwrite, inputs)
+    if merge_peft:
+        raise ConversionError(f"merge_peft=true: {checkpoint_path} holds no peft adapters (its run had no "
+                              "model.peft); drop merge_peft")
     config, weights, meta = load_llama_checkpoint(checkpoint_path, config_overrides)
     hf_weights = {k: v.to(DTYPES[dtype]) for k, v in llmhift_to_hf_state_dict(weights).items()}
     hf_config = hf_config_from_llama(config, meta.get(HF_CONFIG_KEY))
@@ -144,6 +162,22 @@ def save_composer_to_hf(
         write_hf_weights(hf_weights, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if GENERATION_CONFIG_KEY in meta:
+            (tmp / "generation_config.json").write_text(json.dumps(meta[GENERATION_CONFIG_KEY], indent=2) + "\n")
+        for name, content in tokenizer_content.items():
+            (tmp / name).write_bytes(content)
+    return Path(out_dir)
+
+
+def _save_peft(checkpoint_path: str | Path, out_dir: str | Path, meta: dict[str, Any], merge: bool, dtype: str,
+               tokenizer: str | Path | None, overwrite: bool, inputs: list[Any]) -> Path:
+    """A peft checkpoint -> the merged HF folder or the adapter folder, with the source's generation
+    config and tokenizer files beside, atomically."""
+    model = rebuild_peft_model(checkpoint_path, meta)
+    tokenizer_content = tokenizer_files(tokenizer) if tokenizer else meta.get(TOKENIZER_FILES_KEY, {})
+    needs = sum(p.numel() * DTYPES[dtype].itemsize for p in model.parameters())
+    with atomic_directory(out_dir, overwrite, command=TO_HF, inputs=inputs, needs=needs) as tmp:
+        write_peft_export(model, tmp, merge, DTYPES[dtype])
+        if merge and GENERATION_CONFIG_KEY in meta:
             (tmp / "generation_config.json").write_text(json.dumps(meta[GENERATION_CONFIG_KEY], indent=2) + "\n")
         for name, content in tokenizer_content.items():
             (tmp / name).write_bytes(content)
