@@ -68,7 +68,7 @@ class AdaLoRAAllocator(Callback):
         del logger  # unused
         weight = self._config.orth_reg_weight
         if weight:
-            state.loss = state.loss + weight * self._orthogonality()
+            state.loss = state.loss + weight * self.orthogonality()
 
     def batch_end(self, state: State, logger: Logger) -> None:
         step = int(state.timestamp.batch) - 1  # Composer has counted the step just taken
@@ -84,7 +84,7 @@ class AdaLoRAAllocator(Callback):
         return [(n, p) for n, p in self._adalora.model.named_parameters()
                 if ("lora_A" in n or "lora_B" in n) and adapter in n]
 
-    def _orthogonality(self) -> torch.Tensor:
+    def orthogonality(self) -> torch.Tensor:
         """Mean over the adapters' P (lora_A, r x in) and Q (lora_B, out x r) of ``||P Pᵀ - I||_F``
         (``||Qᵀ Q - I||_F``): AdaLoRA keeps them near-orthogonal so that E holds the singular values."""
         terms = []
