@@ -15,8 +15,8 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from llmhift.build.config import ConfigError, config_from_dict
-from llmhift.build.trainer import build_trainer, check_hift, check_peft
+from llmhift.build.config import ConfigError, config_from_dict, load_config
+from llmhift.build.trainer import build_trainer, check_config, check_hift, check_peft
 from llmhift.callbacks.hift import HiFTCallback
 from llmhift.callbacks.hift.schedule import find_units
 from llmhift.convert import composer_to_hf
@@ -109,6 +109,14 @@ def test_virtual_token_methods_train_their_table_only(section):
     assert "\n" not in str(err.value)
 
 
+def test_adapters_on_the_embedding_and_head_join_those_units():
+    model = wrap_peft(tiny_llama(), {"type": "lora", "r": 2, "target_modules": ["embed_tokens", "q_proj", "lm_head"]})
+    units = find_units(model)
+    assert [u for u, _ in units] == ["embedding", "block.0", "block.1", "head"]
+    assert all(".embed_tokens.lora_embedding_" in n for n in units[0][1]) and len(units[0][1]) == 2
+    assert all(".lm_head.lora_" in n for n in units[-1][1]) and len(units[-1][1]) == 2
+
+
 def test_hift_on_a_prompt_tuning_yaml_is_refused_before_loading(hf_dir, demo_root, tmp_path):
     config = config_from_dict(run_config(hf_dir, demo_root, tmp_path, {"type": "prompt_tuning", "num_virtual_tokens": 4},
                                          callbacks={"hift": {}}))
@@ -150,3 +158,11 @@ def test_cli_refuses_a_bad_section_and_merging_a_checkpoint_without_adapters(hf_
     assert composer_to_hf.main(["save_composer_to_hf", str(plain), str(tmp_path / "out"), "merge_peft=true"]) == 2
     assert capsys.readouterr().err.startswith(f"error: merge_peft=true: {plain} holds no peft adapters")
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_yaml_checks_and_plans_hift_over_its_adapters(hf_dir, demo_root, tmp_path):
+    overrides = [f"variables.data_root={demo_root}", f"variables.pretrained={hf_dir}", f"save_folder={tmp_path}"]
+    check_config(load_config("yamls/demo/lora_hift.yaml", overrides))
+    # Without adapters the model has 4 units (embedding with its tied head, 2 blocks, norm); with them, 2.
+    with pytest.raises(ConfigError, match=r"^callbacks.hift: group_element: 3 is larger than the 2 cycled units"):
+        check_config(load_config("yamls/demo/lora_hift.yaml", [*overrides, "callbacks.hift.group_element=3"]))
