@@ -560,6 +560,9 @@ def check_peft(config: TrainConfig) -> None:
         quantization_config(section)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if section.get("quantize") is not None and config.fsdp_config:
+        raise ConfigError("model.peft.quantize and fsdp_config: FSDP cannot shard bitsandbytes' packed 4-bit weights "
+                          "here; drop fsdp_config (QLoRA fits one GPU) or model.peft.quantize")
     if section["type"] == "adalora" and "hift" in config.callbacks:
         raise ConfigError("callbacks.hift: AdaLoRA's rank allocator scores every adapter's gradient at every step "
                           "and HiFT leaves inactive blocks without one; drop callbacks.hift or use lora/ia3")

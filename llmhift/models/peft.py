@@ -9,6 +9,7 @@ imported only when a section asks for it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Mapping, Optional
 
 from torch import nn
@@ -92,6 +93,8 @@ def quantization_config(section: Mapping[str, Any]) -> Any:
 
     if not torch.cuda.is_available():
         raise ValueError("model.peft.quantize: nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); drop it on CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("model.peft.quantize: nf4 needs the bitsandbytes package; pip install 'llmhift[gpu]'")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
