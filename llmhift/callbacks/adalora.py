@@ -117,6 +117,7 @@ class AdaLoRAAllocator(Callback):
         if not state:
             return
         allocator = self._adalora.rankallocator
-        for key in ("exp_avg_ipt", "exp_avg_unc", "ipt"):
-            getattr(allocator, key).update(state[key])
+        params = dict(self._adalora.model.named_parameters())
+        for key in ("exp_avg_ipt", "exp_avg_unc", "ipt"):  # a checkpoint loads onto the CPU
+            getattr(allocator, key).update({n: t.to(params[n].device) for n, t in state[key].items()})
         self._config.rank_pattern = state["rank_pattern"]
