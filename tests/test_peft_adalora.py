@@ -11,6 +11,7 @@ from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
 from llmhift.callbacks.adalora import AdaLoRAAllocator
+from llmhift.callbacks.hift import HiFTCallback
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
 from llmhift.models.peft import wrap_peft
 from tests.test_hift import Tokens
@@ -82,3 +83,32 @@ def test_resumed_run_allocates_as_the_uninterrupted_one(uninterrupted, tmp_path)
     assert resumed.model.peft_config["default"].rank_pattern == whole.model.peft_config["default"].rank_pattern
     for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_life_cycle_and_refusals():
+    model = ComposerHFCausalLM(wrap_peft(tiny_llama(), SECTION, total_steps=8))
+    allocator = AdaLoRAAllocator()
+    trainer = Trainer(model=model, train_dataloader=DataLoader(Tokens(), batch_size=8),
+                      optimizers=DecoupledAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2),
+                      max_duration="2ba", callbacks=[allocator], progress_bar=False, log_to_console=False)
+    trainer.fit()
+    trainer.fit(duration="2ba")  # FIT_START and FIT_END a second time, on the same objects
+    assert int(trainer.state.timestamp.batch) == 4 and allocator.ranks() == 9  # RANKS_PER_STEP[3]
+    state = allocator.state_dict()
+    fresh = AdaLoRAAllocator()
+    Trainer(model=ComposerHFCausalLM(wrap_peft(tiny_llama(), SECTION, total_steps=8)), callbacks=[fresh],
+            max_duration="1ba", progress_bar=False, log_to_console=False)
+    fresh.load_state_dict(state)
+    restored = fresh.state_dict()
+    assert restored["rank_pattern"] == state["rank_pattern"]
+    for key in ("exp_avg_ipt", "exp_avg_unc", "ipt"):
+        assert restored[key].keys() == state[key].keys()
+        assert all(torch.equal(restored[key][n], state[key][n]) for n in state[key])
+    trainer.close()
+    trainer.close()  # closing again is harmless
+
+    with pytest.raises(ValueError, match=r"^callbacks.hift: AdaLoRA's rank allocator .* drop callbacks.hift"):
+        Trainer(model=ComposerHFCausalLM(wrap_peft(tiny_llama(), SECTION, total_steps=8)),
+                callbacks=[AdaLoRAAllocator(), HiFTCallback()], max_duration="1ba")
+    with pytest.raises(ValueError, match=r"^model: AdaLoRAAllocator needs a peft AdaLoRA model"):
+        Trainer(model=ComposerHFCausalLM(tiny_llama()), callbacks=[AdaLoRAAllocator()], max_duration="1ba")
