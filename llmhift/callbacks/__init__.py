@@ -1,6 +1,7 @@
 """llmhift callbacks for a vanilla Composer Trainer: pruning, dynamic batch loading, HiFT, distillation,
-checkpoint metadata."""
+checkpoint metadata, AdaLoRA's rank allocator."""
 
+from llmhift.callbacks.adalora import AdaLoRAAllocator
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
@@ -8,6 +9,7 @@ from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
 
 __all__ = [
+    "AdaLoRAAllocator",
     "CheckpointMetadataCallback",
     "DDPFindUnusedParameters",
     "DistillationCallback",
