@@ -44,7 +44,7 @@ CHOICE_FIELDS = ("max_seq_len", "rope_scaling")
 # The fields a parameter count needs; a dry run prints no size that rests on a default of these.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "intermediate_size")
 # Keys of a llama model section that are not LlamaConfig fields.
-SECTION_KEYS = ("name", "pretrained", "l0_module")
+SECTION_KEYS = ("name", "pretrained", "l0_module", "loss_balance", "focal_gamma")
 
 # hf_causal_lm: yaml keys that are config.json keys override it; these may differ from the folder's.
 HF_CHOICE_FIELDS = ("max_position_embeddings", "rope_scaling", "attention_dropout")

@@ -6,6 +6,7 @@ from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
+from llmhift.callbacks.task_balance import TaskBalanceCallback
 
 __all__ = [
     "CheckpointMetadataCallback",
@@ -14,4 +15,5 @@ __all__ = [
     "DynamicLoadingCallback",
     "HiFTCallback",
     "PruningCallback",
+    "TaskBalanceCallback",
 ]
