@@ -162,8 +162,9 @@ def resolve_llama_section(section: Mapping[str, Any], missing_ok: bool = False) 
     origin.update({k: "default" for k in fields if k not in declared and k not in yaml})
     resolved = {k: v for k, v in section.items() if k in ("name", "pretrained")}
     resolved.update(fields)
-    if "l0_module" in section:
-        resolved["l0_module"] = section["l0_module"]
+    for key in ("l0_module", "loss_balance", "focal_gamma"):  # the model's options beside its architecture
+        if key in section:
+            resolved[key] = section[key]
     return Resolution(resolved, fields, source, origin, overrides, warnings, note)
 
 

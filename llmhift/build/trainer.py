@@ -59,6 +59,7 @@ from llmhift.datasets.instruction_tasks import (
 )
 from llmhift.datasets.text import DataFolderError, EverySample, MultiDomainTextDataset, find_domains, sequence_length
 from llmhift.loggers import EVAL_LABEL, JsonlLogger
+from llmhift.models.causal_lm import build_task_loss
 from llmhift.models.hf_adapter import ConversionError, infer_llama_config
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
 from llmhift.models.l0_module import L0Module, pruning_param_groups
@@ -334,19 +335,13 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None, task
         pretrained = section.get("pretrained")  # resolving checks that it exists: every rank stats, none reads weights
         llama = build_llama_config(section)
         broadcast = bool(config.fsdp_config) and dist.get_global_rank() != 0
-        try:  # tasks: the train data's (multi-task instruction); their losses balanced by model.loss_balance
-            model = ComposerLlama(llama, mask_source=build_l0_module(config), eval_domains=eval_domains or (),
-                                  init_device="meta" if pretrained or broadcast else None, tasks=tasks or (),
-                                  **balance)
-        except ValueError as err:
-            raise ConfigError(f"model.{err}") from None
+        # tasks: the train data's (multi-task instruction), weighed by model.loss_balance (check_loss_balance)
+        model = ComposerLlama(llama, mask_source=build_l0_module(config), eval_domains=eval_domains or (),
+                              init_device="meta" if pretrained or broadcast else None, tasks=tasks or (), **balance)
         if pretrained and not broadcast:
             _load_pretrained_llama(model, pretrained)
         return model
     if name == "hf_causal_lm":
-        if balance:
-            raise ConfigError(f"model.{next(iter(balance))}: task loss balancing is built into the llama model only; "
-                              "use model.name=llama or drop the key (per-task eval losses still work)")
         resolve_hf_section(section)  # a yaml key contradicting config.json is refused, not silently applied
         kwargs = {k: v for k, v in section.items() if k not in ("name", "pretrained")}
         try:
@@ -354,6 +349,21 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None, task
         except (OSError, TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from None
     raise ConfigError(f"model.name: {name!r} is not one of {MODELS}")
+
+
+def check_loss_balance(config: TrainConfig, train_domains: list[str]) -> None:
+    """``model.loss_balance`` and ``focal_gamma`` make a valid TaskLoss for the train data's tasks."""
+    section = config.model
+    if "loss_balance" not in section and "focal_gamma" not in section:
+        return
+    if section["name"] != "llama":
+        raise ConfigError("model.loss_balance: task loss balancing is built into the llama model only; use "
+                          "model.name=llama or drop the key (per-task eval losses still work)")
+    tasks = train_domains if has_tasks(config.train_loader.dataset) else []
+    try:
+        build_task_loss(tasks, section.get("loss_balance", "token"), section.get("focal_gamma", 2.0))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.{err}") from None
 
 
 def check_dynamic_loader(config: TrainConfig, domains: list[str]) -> None:
@@ -660,6 +670,7 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     if config.model["name"] == "llama":
         build_l0_module(config)
     domains = check_data(config)
+    check_loss_balance(config, domains["train_loader"])
     check_sequence_length(config, domains)
     check_tokenizer(config)
     check_hift(config)

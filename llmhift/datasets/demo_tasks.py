@@ -4,16 +4,18 @@ running Python's standard library, in MFTCoder's layout (one folder per task, li
 
 * ``docstring_qa``: "What does `json.dumps` do?" -> the first sentence of its docstring;
 * ``arithmetic``: two-round chats, a sum then a product, with a system turn;
-* ``code_completion``: the first lines of a pure-Python stdlib function -> its next lines (the
-  hardest of the three for a small model, so the one the dynamic mix should move towards).
+* ``code_completion``: the first two lines of a pure-Python stdlib function (docstring removed) -> its
+  next two (the hardest of the three for a small model, so the one the dynamic mix should move towards).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import json
 import random
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,9 @@ __all__ = ["DEMO_TASKS", "build_demo_tasks"]
 
 DEMO_TASKS = ("docstring_qa", "arithmetic", "code_completion")
 _CODE_MODULES = ("textwrap", "shutil", "fnmatch", "glob", "bisect", "heapq", "base64", "difflib", "calendar",
-                 "statistics", "fractions", "string", "posixpath", "csv", "html", "copy", "random")
+                 "statistics", "fractions", "string", "posixpath", "csv", "html", "copy", "random", "urllib.parse",
+                 "email.utils", "ipaddress", "tokenize", "pprint", "inspect", "argparse", "ntpath", "quopri",
+                 "platform", "locale", "gettext", "mimetypes", "sysconfig", "zipfile", "tarfile")
 
 
 def _code_completions() -> list[dict[str, Any]]:
@@ -35,16 +39,20 @@ def _code_completions() -> list[dict[str, Any]]:
             if name.startswith("_") or not inspect.isfunction(obj) or obj.__module__ != module.__name__:
                 continue
             try:
-                source = inspect.getsource(obj)
-            except (OSError, TypeError):  # a build without .py sources: the task is smaller, not wrong
+                tree = ast.parse(textwrap.dedent(inspect.getsource(obj))).body[0]
+            except (OSError, TypeError, SyntaxError):  # a build without .py sources: a smaller task, not a wrong one
                 continue
-            lines = [line for line in source.splitlines() if line.strip()]
-            if len(lines) < 6:
+            if not isinstance(tree, ast.FunctionDef):
                 continue
-            rows.append({"chat_rounds": [
-                {"role": "human", "content": "Complete this Python function:\n" + "\n".join(lines[:3])},
-                {"role": "bot", "content": "\n".join(lines[3:9])},
-            ]})
+            if ast.get_docstring(tree) is not None:
+                tree.body = tree.body[1:] or [ast.Pass()]
+            lines = ast.unparse(tree).splitlines()  # normalised source without the docstring
+            prompt, answer = "\n".join(lines[:2]), "\n".join(lines[2:4])
+            if len(lines) >= 4 and len(prompt) + len(answer) <= 200:  # short enough for the demo's rows
+                rows.append({"chat_rounds": [
+                    {"role": "human", "content": "Complete this Python function:\n" + prompt},
+                    {"role": "bot", "content": answer},
+                ]})
     return rows
 
 
