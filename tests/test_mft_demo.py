@@ -13,9 +13,10 @@ from composer.utils import reproducibility
 import train
 from llmhift.build.config import load_config
 from llmhift.build.trainer import build_trainer
-from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
-from llmhift.callbacks.task_balance import TaskBalanceCallback
+from llmhift.callbacks.dynamic_loading import PROPORTION_KEY, DynamicLoadingCallback
+from llmhift.callbacks.task_balance import TASK_WEIGHT_KEY, TRAIN_TASK_LOSS_KEY, TaskBalanceCallback
 from llmhift.datasets.demo_tasks import DEMO_TASKS
+from llmhift.report import plot_run, read_metrics
 from tests.helpers import CrashAt
 
 YAML = "yamls/demo/mft.yaml"
@@ -68,13 +69,16 @@ def tasks_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(demo_root, tasks_root, tmp_path_factory):
     record = Record()
-    trainer, _ = run(demo_root, tasks_root, tmp_path_factory.mktemp("full"), record)
-    return record, callback(trainer, DynamicLoadingCallback).history, callback(trainer, TaskBalanceCallback).weights
+    folder = tmp_path_factory.mktemp("full")
+    trainer, _ = run(demo_root, tasks_root, folder, record)
+    trainer.close()  # flushes the jsonl logger the report reads
+    history = callback(trainer, DynamicLoadingCallback).history
+    return record, history, callback(trainer, TaskBalanceCallback).weights, folder
 
 
 @pytest.mark.slow
 def test_demo_task_mix_moves_towards_the_lagging_task(full_run):
-    record, history, weights = full_run
+    record, history, weights, _ = full_run
     assert [h["first_sample"] for h in history] == [8 * (b + 3) for b in (2, 4, 6)]
     for before, after in zip([[0.34, 0.33, 0.33]] + [h["proportion"] for h in history], [h for h in history]):
         excess = [loss - target for loss, target in zip(after["losses"], [2.0, 0.5, 2.0])]
@@ -87,7 +91,7 @@ def test_demo_task_mix_moves_towards_the_lagging_task(full_run):
 
 @pytest.mark.slow
 def test_crashed_run_resumes_the_same_batches_mix_losses_and_task_weights(full_run, demo_root, tasks_root, tmp_path):
-    record, history, weights = full_run
+    record, history, weights, _ = full_run
     first = Record()
     with pytest.raises(KeyboardInterrupt):
         run(demo_root, tasks_root, tmp_path, first, CrashAt(4))
@@ -100,6 +104,17 @@ def test_crashed_run_resumes_the_same_batches_mix_losses_and_task_weights(full_r
     assert resumed.losses == {b: record.losses[b] for b in range(5, 7)}  # bit-exact: same weights, same data
     assert callback(trainer, DynamicLoadingCallback).history == history
     assert callback(trainer, TaskBalanceCallback).weights == weights
+
+
+@pytest.mark.slow
+def test_report_plots_per_task_losses_and_the_task_mix(full_run, tmp_path):
+    *_, folder = full_run
+    series = read_metrics(folder / "metrics.jsonl")
+    for task in DEMO_TASKS:  # logged every batch where the task had tokens, and at each evaluation
+        assert len(series[TRAIN_TASK_LOSS_KEY.format(task)]) >= 3 and len(series[TASK_WEIGHT_KEY.format(task)]) == 3
+        assert len(series[PROPORTION_KEY.format(task)]) == 4  # the start and 3 updates
+    pngs = sorted(p.name for p in plot_run("mft", series, tmp_path))
+    assert pngs == ["mft_loss.png", "mft_proportions.png", "mft_tasks.png"], pngs  # 6 batches: no throughput window
 
 
 @pytest.mark.parametrize("override, message", [
