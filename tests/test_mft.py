@@ -72,7 +72,7 @@ def task_folders(root):
 
 
 def rows_by_task(dataset):
-    return [(dataset.tasks[t], row[0]) for row, t in zip(dataset.rows, dataset.row_tasks)]
+    return [(dataset.tasks[t], row[0].tolist()) for row, t in zip(dataset.rows, dataset.row_tasks)]
 
 
 def test_tasks_from_folders_a_mapping_or_data_name_agree(tokenizer, tmp_path):
@@ -117,12 +117,11 @@ def test_packing_never_mixes_tasks_unless_mixed(tokenizer, tmp_path):
     alone = MultiTaskInstructionDataset(tmp_path, "train", tokenizer, 128, packing=False, **kwargs)
     assert len(packed) == 2 < len(alone) == 6  # one row per task, each holding all of its conversations
     for task in (0, 1):
-        mine = [row[0] for row, t in zip(alone.rows, alone.row_tasks) if t == task]
-        assert [row[0] for row, t in zip(packed.rows, packed.row_tasks) if t == task] == [sum(mine, [])]
+        mine = [row[0].tolist() for row, t in zip(alone.rows, alone.row_tasks) if t == task]
+        assert [row[0].tolist() for row, t in zip(packed.rows, packed.row_tasks) if t == task] == [sum(mine, [])]
     mixed = MultiTaskInstructionDataset(tmp_path, "train", tokenizer, 128, packing="mixed", **kwargs)
     assert len(mixed) == 1 and mixed.row_tasks == [0]  # the row counts as its first conversation's task
-    assert mixed.rows[0][0] == sum((row[0] for row in (alone.rows[0], alone.rows[3], alone.rows[1],
-                                                       alone.rows[4], alone.rows[2], alone.rows[5])), [])
+    assert mixed.rows[0][0].tolist() == sum((alone.rows[i][0].tolist() for i in (0, 3, 1, 4, 2, 5)), [])
 
 
 def test_task_stream_reads_every_task_row_and_resumes(tokenizer, tmp_path):

@@ -155,12 +155,14 @@ class DynamicMixDataset(IterableDataset):
         # Shared before any worker exists; workers (fork or spawn) map the same memory.
         self._starts = torch.zeros(max_updates, dtype=torch.int64).share_memory_()  # (U,) first sample
         self._proportions = torch.zeros(max_updates, D, dtype=torch.float64).share_memory_()  # (U, D)
-        self._num_entries = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._num_entries = torch.zeros(2, dtype=torch.int64).share_memory_()  # entries, then writes so far
         self._base = torch.zeros(1 + D, dtype=torch.int64).share_memory_()  # position, then counts (D,)
         self._proportions[0] = torch.tensor(check_proportion(proportion, self.domains), dtype=torch.float64)
         self._num_entries[0] = 1
         self._replay: _Walk | None = None  # main process: the walk state_dict advances incrementally
         self._permutations: dict[int, tuple[int, np.ndarray]] = {}
+        self._domain_ids = [torch.tensor(d) for d in range(D)]  # shared by samples: collation copies them
+        self._schedule_cache: tuple[int, np.ndarray, np.ndarray] | None = None  # (writes, starts, proportions)
 
     def _load(self, d: int, sample_id: int) -> dict[str, torch.Tensor]:
         """Sample ``sample_id`` of source ``d`` as tensors (a subclass's job)."""
@@ -199,11 +201,16 @@ class DynamicMixDataset(IterableDataset):
             n += 1
         self._proportions[n - 1] = values  # written before the count, so a reader never sees a half entry
         self._num_entries[0] = n
+        self._num_entries[1] += 1  # last: a reader that sees this write count sees the whole entry
         return start
 
     def _schedule_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        n = int(self._num_entries[0])
-        return self._starts[:n].numpy().copy(), self._proportions[:n].numpy().copy()
+        """The schedule's starts and proportions, re-read only after a write (every batch asks)."""
+        writes = int(self._num_entries[1])
+        if self._schedule_cache is None or self._schedule_cache[0] != writes:
+            n = int(self._num_entries[0])
+            self._schedule_cache = (writes, self._starts[:n].numpy().copy(), self._proportions[:n].numpy().copy())
+        return self._schedule_cache[1], self._schedule_cache[2]
 
     def _sample_id(self, d: int, draw: int) -> int:
         size = self.sizes[d]
@@ -216,7 +223,7 @@ class DynamicMixDataset(IterableDataset):
         return int(cached[1][draw % size])
 
     def _item(self, d: int, draw: int) -> dict[str, torch.Tensor]:
-        return {**self._load(d, self._sample_id(d, draw)), "domain_idx": torch.tensor(d)}
+        return {**self._load(d, self._sample_id(d, draw)), "domain_idx": self._domain_ids[d]}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -273,6 +280,7 @@ class DynamicMixDataset(IterableDataset):
             self._starts[i] = start
             self._proportions[i] = torch.tensor(proportion, dtype=torch.float64)
         self._num_entries[0] = len(schedule)
+        self._num_entries[1] += 1
         self._base[0] = state["num_samples"]
         self._base[1:] = torch.tensor(state["counts"], dtype=torch.int64)
         self._replay = None

@@ -37,6 +37,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
 from jinja2 import TemplateError
 from torch.utils.data import Dataset
@@ -56,6 +57,7 @@ __all__ = [
     "build_demo_instructions",
     "chat_template_segments",
     "check_instruction_dataset",
+    "compact",
     "docstring_pairs",
     "encode_at",
     "encode_conversation",
@@ -318,7 +320,7 @@ class InstructionDataset(Dataset):
         for where, rounds in read_conversations(path):
             ids, labels = encode_at(where, rounds, tokenizer, template)
             conversations.append((ids[:max_seq_len], labels[:max_seq_len]))
-        self.rows = [row for row, _ in make_rows(conversations, max_seq_len, packing)]
+        self.rows = [compact(row) for row, _ in make_rows(conversations, max_seq_len, packing)]
         if not self.rows:
             raise ValueError(f"{path}: no sample keeps a response token within max_seq_len={max_seq_len}")
 
@@ -347,14 +349,20 @@ def make_rows(conversations: list[Row], max_seq_len: int, packing: bool) -> list
     return [(row, first) for row, first in rows if any(t != IGNORE_INDEX for t in row[1])]
 
 
-def padded_sample(ids: list[int], labels: list[int], max_seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """``{input_ids, labels, attention_mask}`` of ``max_seq_len`` tokens, padded on the right."""
-    pad = max_seq_len - len(ids)
-    return {
-        "input_ids": torch.tensor(ids + [pad_id] * pad),  # (T,)
-        "labels": torch.tensor(labels + [IGNORE_INDEX] * pad),  # (T,)
-        "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),  # (T,)
-    }
+def compact(row: Row) -> tuple[np.ndarray, np.ndarray]:
+    """A row as two int32 arrays: a tenth of a list's memory, and :func:`padded_sample` copies them fast."""
+    return np.asarray(row[0], dtype=np.int32), np.asarray(row[1], dtype=np.int32)
+
+
+def padded_sample(ids: np.ndarray, labels: np.ndarray, max_seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """``{input_ids, labels, attention_mask}`` of ``max_seq_len`` tokens from a :func:`compact` row,
+    padded on the right."""
+    n = len(ids)
+    input_ids = torch.full((max_seq_len,), pad_id, dtype=torch.long)  # (T,)
+    input_ids[:n] = torch.from_numpy(ids)
+    targets = torch.full((max_seq_len,), IGNORE_INDEX, dtype=torch.long)  # (T,)
+    targets[:n] = torch.from_numpy(labels)
+    return {"input_ids": input_ids, "labels": targets, "attention_mask": (torch.arange(max_seq_len) < n).long()}
 
 
 def check_instruction_dataset(

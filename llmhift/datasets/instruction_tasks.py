@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -38,6 +39,7 @@ from llmhift.datasets.instruction import (
     TOKENIZER_TEMPLATE,
     Row,
     check_instruction_dataset,
+    compact,
     encode_at,
     make_rows,
     padded_sample,
@@ -200,7 +202,7 @@ class MultiTaskInstructionDataset(Dataset):
         for where, rounds, task in read_task_conversations(self.tasks, files):
             ids, labels = encode_at(where, rounds, tokenizer, template)
             in_order.append(((ids[:max_seq_len], labels[:max_seq_len]), task))
-        self.rows: list[Row] = []
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []  # compact rows
         self.row_tasks: list[int] = []
         # mixed: one sequence in file order; otherwise each task's own, so that no row mixes tasks
         groups = [in_order] if packing == PACKING_MIXED else [
@@ -208,7 +210,7 @@ class MultiTaskInstructionDataset(Dataset):
         ]
         for group in groups:
             for row, first in make_rows([c for c, _ in group], max_seq_len, bool(packing)):
-                self.rows.append(row)
+                self.rows.append(compact(row))
                 self.row_tasks.append(group[first][1])
         empty = [name for i, name in enumerate(self.tasks) if i not in set(self.row_tasks)]
         if empty and packing != PACKING_MIXED:  # mixed: a task may only ever continue other tasks' rows
