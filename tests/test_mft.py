@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 from transformers import AutoTokenizer
 
-from llmhift.callbacks.task_balance import TaskBalanceCallback, convergence_weights
+from llmhift.callbacks.task_balance import convergence_weights
 from llmhift.datasets.instruction import InstructionDataset
 from llmhift.datasets.instruction_tasks import MultiTaskInstructionDataset, TaskMixDataset
 from llmhift.labels import IGNORE_INDEX
@@ -262,21 +262,3 @@ def test_convergence_weights_by_hand():
     weights = convergence_weights(history)
     assert weights == pytest.approx(expected, rel=1e-12)
     assert weights[1] > weights[0]  # the slower task gets more weight
-
-
-def test_self_paced_state_round_trips_into_the_model():
-    callback = TaskBalanceCallback()
-    callback.history, callback.first = [[1.0, 1.0, 1.0], [0.9, 0.8, 0.95], [0.85, 0.7, 0.9]], [2.0, 3.0, 4.0]
-    callback.weights = convergence_weights(callback.history)
-    resumed = TaskBalanceCallback()
-    resumed.load_state_dict(callback.state_dict())
-    assert (resumed.history, resumed.first, resumed.weights) == (callback.history, callback.first, callback.weights)
-    model = ranks.model("self_paced")
-
-    class State:  # what fit_start reads
-        pass
-
-    state = State()
-    state.model = model
-    resumed.fit_start(state, None)
-    assert model.task_loss.weights.tolist() == callback.weights

@@ -14,6 +14,7 @@ import train
 from llmhift.build.config import load_config
 from llmhift.build.trainer import build_trainer
 from llmhift.callbacks.dynamic_loading import PROPORTION_KEY, DynamicLoadingCallback
+from llmhift.callbacks.hift.callback import ACTIVE_GROUP_KEY as HIFT_GROUP
 from llmhift.callbacks.task_balance import TASK_WEIGHT_KEY, TRAIN_TASK_LOSS_KEY, TaskBalanceCallback
 from llmhift.datasets.demo_tasks import DEMO_TASKS
 from llmhift.report import plot_run, read_metrics
@@ -115,6 +116,18 @@ def test_report_plots_per_task_losses_and_the_task_mix(full_run, tmp_path):
         assert len(series[PROPORTION_KEY.format(task)]) == 4  # the start and 3 updates
     pngs = sorted(p.name for p in plot_run("mft", series, tmp_path))
     assert pngs == ["mft_loss.png", "mft_proportions.png", "mft_tasks.png"], pngs  # 6 batches: no throughput window
+
+
+@pytest.mark.slow
+def test_demo_with_hift_on_trains_one_group_per_step_and_logs_every_task(demo_root, tasks_root, tmp_path):
+    code = train.main([YAML, f"variables.data_root={demo_root}", f"variables.tasks={tasks_root}",
+                       f"save_folder={tmp_path}", *TINY, "max_duration=3ba", "eval_interval=3ba", "save_interval=3ba",
+                       "train_loader.num_workers=0", "callbacks.hift={group_element: 1}", "model.loss_balance=focal"])
+    assert code == 0
+    series = read_metrics(tmp_path / "metrics.jsonl")
+    assert series[HIFT_GROUP] == {0: 0, 1: 1, 2: 2}  # down2up: embedding, block 0, block 1 (logged at batch start)
+    for task in DEMO_TASKS:
+        assert TRAIN_TASK_LOSS_KEY.format(task) in series and PROPORTION_KEY.format(task) in series
 
 
 @pytest.mark.parametrize("override, message", [
