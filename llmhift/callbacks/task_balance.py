@@ -4,6 +4,7 @@ the self-paced (convergence-balancing) task weights."""
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -138,6 +139,9 @@ class TaskBalanceCallback(Callback):
         del logger  # unused
         assert self._loss is not None
         batch = state.batch
+        if "domain_idx" not in batch:
+            raise KeyError(f"TaskBalanceCallback: the train batch has no domain_idx (B,), the task of each row; "
+                           f"give the instruction loader dataset.tasks or dataset.task_names (batch keys: {sorted(batch)})")
         K = len(self._loss.tasks)
         counts = torch.zeros(K + 1, dtype=torch.float64)  # (K + 1,) tokens per task, then rows
         counts[:K].index_add_(0, batch["domain_idx"].long().cpu(), task_targets(batch).double().cpu())
@@ -170,8 +174,12 @@ class TaskBalanceCallback(Callback):
             has_data = metric.has_data()  # collectives: every rank calls both, for every task
             value = float(metric.compute())
             losses.append(value if has_data else None)
-        if any(v is None for v in losses):
-            return  # a task without eval tokens has no convergence to compare: the weights stay
+        absent = [t for t, v in zip(self._loss.tasks, losses) if v is None]
+        if absent:  # a task without eval tokens has no convergence to compare: the weights stay
+            warnings.warn(f"TaskBalanceCallback: task(s) {absent} had no eval tokens, so the self-paced weights stay "
+                          "as they were; raise eval_subset_num_batches (-1: the whole eval set) or give the eval "
+                          "set samples of every task", stacklevel=2)
+            return
         if self.first is None:
             self.first = [v if v > 0 else 1.0 for v in losses]
         self.history.append([v / f for v, f in zip(losses, self.first)])

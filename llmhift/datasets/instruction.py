@@ -16,6 +16,10 @@ Two templates turn rounds into tokens:
   are response. Pieces are tokenized one by one and concatenated, so the boundary is exact.
 * ``chat_template="tokenizer"``: the tokenizer's own ``chat_template`` (``apply_chat_template``), as
   an instruct model was trained with; see :func:`chat_template_segments` for how the boundary is found.
+* ``chat_template="mftcoder"``: MFTCoder's training text, ``<s>human\n{input}<s>bot\n{target}{EOS}``
+  per round after ``<s>system\n{system}`` (:data:`MFTCODER_ROLES`, llmhift's mechanism with its texts).
+
+Several tasks (MFTCoder's ``data_name``, task folders) are read by :mod:`llmhift.datasets.instruction_tasks`.
 
 A sample is ``{input_ids, labels, attention_mask}`` of ``max_seq_len`` tokens, padded on the right:
 ``labels`` equal ``input_ids`` on response tokens and are -100 elsewhere (the model shifts them).
