@@ -161,9 +161,8 @@ class TaskBalanceCallback(Callback):
                             for k, t in enumerate(self._loss.tasks) if sums[K + k] > 0})
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
-        assert self._loss is not None
-        if self._loss.mode != "self_paced":
-            return
+        if self._loss is None or self._loss.mode != "self_paced":
+            return  # nothing to weigh: an evaluation outside fit (eval-only), or another balance
         metrics = state.eval_metrics.get(self.eval_label, {})
         losses = []
         for task in self._loss.tasks:

@@ -85,6 +85,9 @@ class _Walk:
         self._block: tuple[int, np.ndarray] | None = None
 
     def _uniforms(self, a: int, b: int) -> np.ndarray:
+        block = a // _BLOCK
+        if self._block is not None and self._block[0] == block and (b - 1) // _BLOCK == block:
+            return self._block[1][a - block * _BLOCK : b - block * _BLOCK]  # the usual case: one cached block
         parts = []
         for block in range(a // _BLOCK, (b - 1) // _BLOCK + 1):
             if self._block is None or self._block[0] != block:
@@ -104,11 +107,11 @@ class _Walk:
         # a zero share is never drawn, whatever the rounding of the cumulative sum.
         target = self._uniforms(a, to) * cum[:, -1]  # (n,)
         domains = (cum <= target[:, None]).sum(axis=1)  # (n,) searchsorted row by row
-        draws = np.empty(len(index), dtype=np.int64)  # (n,)
-        for d in range(proportions.shape[1]):
-            rows = np.flatnonzero(domains == d)
-            draws[rows] = self.counts[d] + np.arange(len(rows))
-            self.counts[d] += len(rows)
+        # a sample's draw number: its domain's count so far plus the earlier samples of that domain here
+        seen = np.cumsum(domains[:, None] == np.arange(proportions.shape[1]), axis=0)  # (n, D)
+        draws = self.counts[domains] + seen[np.arange(len(index)), domains] - 1  # (n,)
+        if len(index):
+            self.counts += seen[-1]
         self.position = to
         return domains, draws
 
@@ -165,7 +168,7 @@ class DynamicMixDataset(IterableDataset):
         self._schedule_cache: tuple[int, np.ndarray, np.ndarray] | None = None  # (writes, starts, proportions)
 
     def _load(self, d: int, sample_id: int) -> dict[str, torch.Tensor]:
-        """Sample ``sample_id`` of source ``d`` as tensors (a subclass's job)."""
+        """Sample ``sample_id`` of source ``d`` as a new dict of tensors (a subclass's job)."""
         raise NotImplementedError
 
     @property
@@ -223,7 +226,9 @@ class DynamicMixDataset(IterableDataset):
         return int(cached[1][draw % size])
 
     def _item(self, d: int, draw: int) -> dict[str, torch.Tensor]:
-        return {**self._load(d, self._sample_id(d, draw)), "domain_idx": self._domain_ids[d]}
+        item = self._load(d, self._sample_id(d, draw))
+        item["domain_idx"] = self._domain_ids[d]
+        return item
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()

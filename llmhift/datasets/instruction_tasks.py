@@ -243,8 +243,9 @@ class TaskMixDataset(DynamicMixDataset):
 
     def __init__(self, source: MultiTaskInstructionDataset, batch_size: int, **kwargs: Any) -> None:
         self.source = source
-        self._rows = [[i for i, t in enumerate(source.row_tasks) if t == task] for task in range(len(source.tasks))]
+        self._rows = [[row for row, t in zip(source.rows, source.row_tasks) if t == task]
+                      for task in range(len(source.tasks))]  # each task's rows (shared arrays, not copies)
         super().__init__(source.tasks, [len(rows) for rows in self._rows], batch_size, **kwargs)
 
     def _load(self, d: int, sample_id: int) -> dict[str, torch.Tensor]:
-        return self.source.sample(self._rows[d][sample_id])
+        return padded_sample(*self._rows[d][sample_id], self.source.max_seq_len, self.source.pad_id)
