@@ -1,11 +1,14 @@
-"""Samples/s of DynamicStreamingDataset vs a plain streaming.StreamingDataset over the same shards.
+"""Samples/s of DynamicStreamingDataset vs a plain streaming.StreamingDataset over the same shards, and
+of the multi-task instruction loader vs the single-task one over the same conversations.
 
     python bench/dataloader.py [--data demo_runs/data] [--samples 20000] [--batch-size 16] [--workers 0 2]
+                               [--cases dynamic instruction]
 
-Builds the demo corpus into ``--data`` if missing. Both loaders read every domain of the train split
-through a torch DataLoader with the same batch size and workers, in the same process, alternately
-(best of ``--repeats``), so machine load hits both alike. Prints one JSON object; ``ratio`` is
-dynamic / streaming (goal >= 0.9).
+Builds the demo corpus (and the demo tasks into ``<data>/mft_tasks``) if missing. Each pair of loaders
+reads through a torch DataLoader with the same batch size and workers, in the same process,
+alternately (best of ``--repeats``), so machine load hits both alike. Prints one JSON object; each
+``ratio`` is dynamic / streaming or tasks / single (goal >= 0.9). The instruction case tokenizes the
+rows once per loader, outside the timing: it measures sampling, padding and collation.
 """
 
 from __future__ import annotations
@@ -19,15 +22,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming import Stream, StreamingDataset  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from llmhift.datasets.demo_data import ensure_demo_data  # noqa: E402
+from llmhift.datasets.demo_tasks import DEMO_TASKS, build_demo_tasks  # noqa: E402
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset  # noqa: E402
+from llmhift.datasets.instruction import InstructionDataset  # noqa: E402
+from llmhift.datasets.instruction_tasks import MultiTaskInstructionDataset, TaskMixDataset  # noqa: E402
 from llmhift.datasets.text import find_domains  # noqa: E402
 
 
-def samples_per_second(dataset, batch_size: int, workers: int, samples: int) -> float:
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers else None)
+def samples_per_second(dataset, batch_size: int, workers: int, samples: int, sampler=None) -> float:
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers else None,
+                        sampler=sampler)
     batches = samples // batch_size
     iterator = iter(loader)
     next(iterator)  # worker start-up and first shard open are not throughput
@@ -37,15 +45,8 @@ def samples_per_second(dataset, batch_size: int, workers: int, samples: int) -> 
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="demo_runs/data")
-    parser.add_argument("--samples", type=int, default=20000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    mds = Path(ensure_demo_data(args.data)) / "mds"
+def dynamic_case(data: Path, args: argparse.Namespace) -> list[dict]:
+    mds = data / "mds"
     domains = find_domains(mds, "train")
     results = []
     for workers in args.workers:
@@ -64,8 +65,47 @@ def main() -> None:
         results.append({"workers": workers, "dynamic_samples_per_s": round(best["dynamic"]),
                         "streaming_samples_per_s": round(best["streaming"]),
                         "ratio": round(best["dynamic"] / best["streaming"], 3)})  # fmt: skip
-    print(json.dumps({"batch_size": args.batch_size, "samples": args.samples, "results": results,
-                      "goal": "ratio >= 0.9"}))  # fmt: skip
+    return results
+
+
+def instruction_case(data: Path, args: argparse.Namespace) -> list[dict]:
+    """The demo tasks through TaskMixDataset vs the same conversations in one file through
+    InstructionDataset (sampled with replacement, as the task stream is endless)."""
+    tasks = build_demo_tasks(data / "mft_tasks")
+    single = data / "mft_single"  # every task's train lines in one file: the single-task loader's input
+    single.mkdir(exist_ok=True)
+    (single / "train.jsonl").write_text("".join((tasks / t / "train.jsonl").read_text() for t in DEMO_TASKS))
+    tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
+    rows = MultiTaskInstructionDataset(tasks, "train", tokenizer, 128, "mftcoder", tasks=list(DEMO_TASKS))
+    one = InstructionDataset(single, "train", tokenizer, 128, "mftcoder")
+    results = []
+    for workers in args.workers:
+        best = {"tasks": 0.0, "single": 0.0}
+        for _ in range(args.repeats):
+            mix = TaskMixDataset(rows, batch_size=args.batch_size)
+            best["tasks"] = max(best["tasks"], samples_per_second(mix, args.batch_size, workers, args.samples))
+            sampler = RandomSampler(one, replacement=True, num_samples=args.samples + 2 * args.batch_size)
+            rate = samples_per_second(one, args.batch_size, workers, args.samples, sampler)
+            best["single"] = max(best["single"], rate)
+        results.append({"workers": workers, "tasks_samples_per_s": round(best["tasks"]),
+                        "single_samples_per_s": round(best["single"]),
+                        "ratio": round(best["tasks"] / best["single"], 3)})  # fmt: skip
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="demo_runs/data")
+    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", choices=["dynamic", "instruction"], default=["dynamic", "instruction"])
+    args = parser.parse_args()
+    data = Path(ensure_demo_data(args.data))
+    cases = {"dynamic": dynamic_case, "instruction": instruction_case}
+    print(json.dumps({"batch_size": args.batch_size, "samples": args.samples,
+                      **{case: cases[case](data, args) for case in args.cases}, "goal": "ratio >= 0.9"}))  # fmt: skip
 
 
 if __name__ == "__main__":

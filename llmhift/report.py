@@ -24,6 +24,7 @@ from llmhift.callbacks.pruning import (  # noqa: E402
     TARGET_PARAMS_KEY,
     TARGET_SPARSITY_KEY,
 )
+from llmhift.callbacks.task_balance import TASK_WEIGHT_KEY, TRAIN_TASK_LOSS_KEY  # noqa: E402
 from llmhift.errors import cli_errors  # noqa: E402
 from llmhift.loggers import THROUGHPUT_KEY, TRAIN_LOSS_KEY, metric_key  # noqa: E402
 from llmhift.models.causal_lm import CE_METRIC  # noqa: E402
@@ -166,6 +167,25 @@ def _plot_proportions(name: str, series: Series) -> plt.Figure | None:
     return fig
 
 
+def _plot_tasks(name: str, series: Series) -> plt.Figure | None:
+    """Multi-task runs: each task's train loss per batch and, with ``self_paced``, its loss weight."""
+    losses, weights = _matching(series, TRAIN_TASK_LOSS_KEY), _matching(series, TASK_WEIGHT_KEY)
+    if not losses:
+        return None
+    fig, axes = plt.subplots(1, 2 if weights else 1, figsize=(12 if weights else 8, 4.5), squeeze=False)
+    for task, points in losses.items():
+        axes[0, 0].plot(*_xy(points), linewidth=1.5, label=task)
+    axes[0, 0].set(title=f"{name}: train loss per task", xlabel="batch", ylabel="cross-entropy (nats/token)")
+    for task, points in weights.items():
+        axes[0, 1].step(*_xy(points), where="post", linewidth=2, label=task)
+    if weights:
+        axes[0, 1].set(title="self-paced task weight in the loss", xlabel="batch", ylabel="weight", ylim=(0, 1))
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
 def _plot_pruning(name: str, series: Series) -> plt.Figure | None:
     if EXPECTED_PARAMS_KEY not in series:
         return None
@@ -217,7 +237,7 @@ def plot_run(name: str, series: Series, out: Path, stem: str | None = None) -> l
     to the name with ``/`` as ``_`` (:func:`write_report` gives each run a unique one)."""
     stem = stem if stem is not None else _stems([name])[name]
     plots = {"loss": _plot_loss, "proportions": _plot_proportions, "pruning": _plot_pruning, "hift": _plot_hift,
-             "throughput": _plot_throughput}
+             "throughput": _plot_throughput, "tasks": _plot_tasks}
     return [_save(fig, out / f"{stem}_{kind}.png") for kind, plot in plots.items()
             if (fig := plot(name, series)) is not None]
 

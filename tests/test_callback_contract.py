@@ -19,6 +19,7 @@ from llmhift.callbacks import (
     DynamicLoadingCallback,
     HiFTCallback,
     PruningCallback,
+    TaskBalanceCallback,
 )
 from tests.helpers import save_hf_llama
 
@@ -29,6 +30,7 @@ CASES = {
     "data_loading": ("yamls/demo/pretrain.yaml", DynamicLoadingCallback),
     "hift": ("yamls/demo/hift.yaml", HiFTCallback),
     "distillation": ("yamls/demo/continue_distill.yaml", DistillationCallback),
+    "task_balance": ("yamls/demo/mft.yaml", TaskBalanceCallback),
     **ALWAYS,
 }
 
@@ -70,6 +72,8 @@ def test_callback_life_cycle(name, microbatch, demo_root, tmp_path):
     ]
     if name == "hift":
         overrides.append(f"variables.instructions={tmp_path / 'instructions'}")
+    if name == "task_balance":
+        overrides += [f"variables.tasks={tmp_path / 'tasks'}", "model.loss_balance=self_paced"]
     if name == "distillation":  # the student as its own teacher: a small LLaMA of the demo vocabulary
         model = save_hf_llama(tmp_path / "model", demo_root / "tokenizer", hidden_size=64, num_hidden_layers=2,
                               num_attention_heads=2, intermediate_size=128)

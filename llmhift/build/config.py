@@ -54,7 +54,11 @@ class DatasetConfig:
     # `instruction` only: {system, human, bot} -> text around {content} (default: llmhift's), or `tokenizer` for
     # the tokenizer's own chat_template. Any, as OmegaConf has no str-or-dict type; check_data checks it.
     chat_template: Any = None
-    packing: bool = False  # `instruction` only: several conversations per row
+    # `instruction` only: several conversations per row (true), within a task; `mixed`: across tasks too
+    packing: Any = False
+    # `instruction` only, several tasks (MFTCoder): task folders (relative to `local`), or {task: folder or jsonl}
+    tasks: Any = None
+    task_names: Optional[list[str]] = None  # `instruction` only: instead of tasks, each line's `data_name`
 
 
 @dataclass

@@ -44,7 +44,7 @@ CHOICE_FIELDS = ("max_seq_len", "rope_scaling")
 # The fields a parameter count needs; a dry run prints no size that rests on a default of these.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "intermediate_size")
 # Keys of a llama model section that are not LlamaConfig fields.
-SECTION_KEYS = ("name", "pretrained", "l0_module")
+SECTION_KEYS = ("name", "pretrained", "l0_module", "loss_balance", "focal_gamma")
 
 # hf_causal_lm: yaml keys that are config.json keys override it; these may differ from the folder's.
 HF_CHOICE_FIELDS = ("max_position_embeddings", "rope_scaling", "attention_dropout")
@@ -162,8 +162,9 @@ def resolve_llama_section(section: Mapping[str, Any], missing_ok: bool = False) 
     origin.update({k: "default" for k in fields if k not in declared and k not in yaml})
     resolved = {k: v for k, v in section.items() if k in ("name", "pretrained")}
     resolved.update(fields)
-    if "l0_module" in section:
-        resolved["l0_module"] = section["l0_module"]
+    for key in ("l0_module", "loss_balance", "focal_gamma"):  # the model's options beside its architecture
+        if key in section:
+            resolved[key] = section[key]
     return Resolution(resolved, fields, source, origin, overrides, warnings, note)
 
 

@@ -47,13 +47,21 @@ from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
 from llmhift.callbacks.hift.schedule import find_units
 from llmhift.callbacks.pruning import PruningCallback
+from llmhift.callbacks.task_balance import TaskBalanceCallback
 from llmhift.checkpoint.io import TOKENIZER_FILES_KEY, read_llama_weights, source_metadata, tokenizer_files
 from llmhift.checkpoint.run_folder import AtomicCheckpointSaver, checkpoint_problem, prepare_run_folder
 from llmhift.datasets.demo_data import ensure_demo_data
 from llmhift.datasets.dynamic_streaming import DynamicStreamingDataset, check_proportion
 from llmhift.datasets.instruction import InstructionDataset, check_instruction_dataset
+from llmhift.datasets.instruction_tasks import (
+    MultiTaskInstructionDataset,
+    TaskMixDataset,
+    check_task_dataset,
+    has_tasks,
+)
 from llmhift.datasets.text import DataFolderError, EverySample, MultiDomainTextDataset, find_domains, sequence_length
 from llmhift.loggers import EVAL_LABEL, JsonlLogger
+from llmhift.models.causal_lm import build_task_loss
 from llmhift.models.hf_adapter import ConversionError, infer_llama_config
 from llmhift.models.hf_causal_lm import ComposerHFCausalLM
 from llmhift.models.l0_module import L0Module, pruning_param_groups
@@ -101,6 +109,7 @@ CALLBACKS: dict[str, Callable[..., Callback]] = {
     "runtime_estimator": RuntimeEstimator,
     "pruning": PruningCallback,
     "data_loading": DynamicLoadingCallback,
+    "task_balance": TaskBalanceCallback,  # added by itself when the train data has tasks (llama)
     "hift": HiFTCallback,
     "distillation": DistillationCallback,  # teacher: a path, loaded by build_teacher (see build_callbacks)
 }
@@ -158,6 +167,8 @@ def build_callbacks(config: TrainConfig) -> list[Callback]:
         section = dict(entries["distillation"] or {})
         section["teacher"] = functools.partial(build_teacher, config, _teacher_path(section, must_exist=False))
         entries["distillation"] = section
+    if has_tasks(config.train_loader.dataset) and config.model.get("name") == "llama" and "task_balance" not in entries:
+        entries["task_balance"] = {}  # the model's TaskLoss needs each global batch's per-task counts
     built = [*_build_named("callbacks", CALLBACKS, entries), metadata]
     if (config.model.get("peft") or {}).get("type") == "adalora":
         built.append(AdaLoRAAllocator())  # AdaLoRA's rank schedule runs in the training loop
@@ -192,10 +203,13 @@ def check_data(config: TrainConfig) -> dict[str, list[str]]:
         dataset = loader.dataset
         if loader.name == "instruction":
             try:
-                check_instruction_dataset(dataset, build_demo=bool(config.demo_data))
+                if has_tasks(dataset):  # tasks are the domains of instruction data (per-task metrics, mixing)
+                    domains[section] = check_task_dataset(dataset, build_demo=bool(config.demo_data))
+                else:
+                    check_instruction_dataset(dataset, build_demo=bool(config.demo_data))
+                    domains[section] = []  # one stream of conversations: no per-domain metrics
             except ValueError as err:
                 raise ConfigError(f"{section}.dataset.{err}") from None
-            domains[section] = []  # one stream of conversations: no per-domain metrics
             continue
         if dataset.remote:
             if not dataset.domains:
@@ -211,7 +225,8 @@ def check_data(config: TrainConfig) -> dict[str, list[str]]:
             raise ConfigError(
                 f"{section}.dataset.max_seq_len: {dataset.max_seq_len}, but the shards hold {length}-token samples"
             )
-    if config.train_loader.name == "dynamic" or "data_loading" in config.callbacks:
+    if config.train_loader.name == "dynamic" or "data_loading" in config.callbacks \
+            or has_tasks(config.train_loader.dataset):
         check_dynamic_loader(config, domains["train_loader"])
     if config.eval_loader is not None and domains["eval_loader"] != domains["train_loader"]:
         raise ConfigError(
@@ -311,7 +326,7 @@ def _load_pretrained_llama(model: ComposerLlama, path: str, key: str = "model.pr
     model.model.load_state_dict(loaded, strict=True, assign=True)
 
 
-def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> ComposerModel:
+def build_model(config: TrainConfig, eval_domains: list[str] | None = None, tasks: list[str] | None = None) -> ComposerModel:
     """The yaml's model. A llama with ``model.pretrained`` is built on the meta device and filled from
     the checkpoint. Under FSDP only rank 0 materialises the decoder (reading the checkpoint, or
     initialising at random); the other ranks leave it on the meta device and read no weights (only
@@ -322,12 +337,14 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> C
     DDP and single-process runs load on every rank."""
     section = dict(config.model)
     name = section["name"]
+    balance = {k: section.pop(k) for k in ("loss_balance", "focal_gamma") if k in section}
     if name == "llama":
         pretrained = section.get("pretrained")  # resolving checks that it exists: every rank stats, none reads weights
         llama = build_llama_config(section)
         broadcast = bool(config.fsdp_config) and dist.get_global_rank() != 0
+        # tasks: the train data's (multi-task instruction), weighed by model.loss_balance (check_loss_balance)
         model = ComposerLlama(llama, mask_source=build_l0_module(config), eval_domains=eval_domains or (),
-                              init_device="meta" if pretrained or broadcast else None)
+                              init_device="meta" if pretrained or broadcast else None, tasks=tasks or (), **balance)
         if pretrained and not broadcast:
             _load_pretrained_llama(model, pretrained)
         return model
@@ -348,11 +365,27 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None) -> C
     raise ConfigError(f"model.name: {name!r} is not one of {MODELS}")
 
 
+def check_loss_balance(config: TrainConfig, train_domains: list[str]) -> None:
+    """``model.loss_balance`` and ``focal_gamma`` make a valid TaskLoss for the train data's tasks."""
+    section = config.model
+    if "loss_balance" not in section and "focal_gamma" not in section:
+        return
+    if section["name"] != "llama":
+        raise ConfigError("model.loss_balance: task loss balancing is built into the llama model only; use "
+                          "model.name=llama or drop the key (per-task eval losses still work)")
+    tasks = train_domains if has_tasks(config.train_loader.dataset) else []
+    try:
+        build_task_loss(tasks, section.get("loss_balance", "token"), section.get("focal_gamma", 2.0))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.{err}") from None
+
+
 def check_dynamic_loader(config: TrainConfig, domains: list[str]) -> None:
     """The dynamic stream is endless and applies changes a fixed number of batches ahead."""
     loader = config.train_loader
-    if loader.name != "dynamic":
-        raise ConfigError("callbacks.data_loading: needs `train_loader.name: dynamic` (the text loader's mix is fixed)")
+    if loader.name != "dynamic" and not has_tasks(loader.dataset):
+        raise ConfigError("callbacks.data_loading: needs `train_loader.name: dynamic`, or `instruction` with "
+                          "dataset.tasks (the text loader's and a single-task instruction loader's mix is fixed)")
     names = list((config.callbacks.get("data_loading") or {}).get("set_names") or domains)
     unknown, unnamed = [d for d in names if d not in domains], [d for d in domains if d not in names]
     if unknown or unnamed:
@@ -367,7 +400,7 @@ def check_dynamic_loader(config: TrainConfig, domains: list[str]) -> None:
             raise ConfigError(f"train_loader.dataset.{err}") from None
     for key in ("max_duration", "eval_interval", "save_interval"):
         if str(getattr(config, key)).strip().endswith("ep"):
-            raise ConfigError(f"{key}: the dynamic train loader has no epochs; give batches (e.g. 1000ba)")
+            raise ConfigError(f"{key}: the dynamic (or multi-task) train loader has no epochs; give batches (e.g. 1000ba)")
     in_flight = loader.num_workers * (loader.prefetch_factor or 2) if loader.num_workers else 0
     if loader.dataset.lookahead_batches <= in_flight:
         raise ConfigError(
@@ -379,7 +412,21 @@ def check_dynamic_loader(config: TrainConfig, domains: list[str]) -> None:
 def build_dataloader(loader: LoaderConfig, domains: list[str], batch_size: int, for_eval: bool = False) -> DataLoader:
     dataset = loader.dataset
     sampler = None
-    if loader.name == "instruction":
+    if loader.name == "instruction" and has_tasks(dataset):
+        section = "eval_loader" if for_eval else "train_loader"
+        try:
+            rows = MultiTaskInstructionDataset(
+                dataset.local, dataset.split, AutoTokenizer.from_pretrained(dataset.tokenizer), dataset.max_seq_len,
+                dataset.chat_template, dataset.tasks, dataset.task_names, dataset.packing)
+        except ValueError as err:
+            raise ConfigError(f"{section}.dataset.{err}") from None
+        if for_eval:  # every row once over all ranks
+            text = rows
+            sampler = dist.get_sampler(text, shuffle=False, drop_last=False)
+        else:  # the tasks mixed by proportions the data_loading callback may move
+            text = TaskMixDataset(rows, batch_size, proportion=dataset.proportion, seed=dataset.shuffle_seed,
+                                  lookahead_batches=dataset.lookahead_batches)
+    elif loader.name == "instruction":
         section = "eval_loader" if for_eval else "train_loader"
         try:  # the checks ran on one conversation per role order; a later line can still break a template
             text = InstructionDataset(dataset.local, dataset.split, AutoTokenizer.from_pretrained(dataset.tokenizer),
@@ -670,6 +717,7 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     if config.model["name"] == "llama":
         build_l0_module(config)
     domains = check_data(config)
+    check_loss_balance(config, domains["train_loader"])
     check_sequence_length(config, domains)
     check_tokenizer(config)
     check_hift(config)
@@ -711,7 +759,8 @@ def build_trainer(config: TrainConfig, eval_only: bool = False) -> Trainer:
                                            for_eval=True)
             evaluators.append(Evaluator(label=EVAL_LABEL, dataloader=eval_loader))
         reproducibility.seed_all(config.seed)  # the initial weights (and L0 masks) follow the yaml's seed
-        model = build_model(config, domains.get("eval_loader"))
+        model = build_model(config, domains.get("eval_loader"),
+                            domains["train_loader"] if has_tasks(config.train_loader.dataset) else None)
         callbacks.append(claim)  # holds the folder's lock while the Trainer lives
         if config.save_folder and "://" not in config.save_folder and not eval_only:
             callbacks.append(AtomicCheckpointSaver(config.save_folder, config.save_interval,

@@ -7,6 +7,7 @@ from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
+from llmhift.callbacks.task_balance import TaskBalanceCallback
 
 __all__ = [
     "AdaLoRAAllocator",
@@ -16,4 +17,5 @@ __all__ = [
     "DynamicLoadingCallback",
     "HiFTCallback",
     "PruningCallback",
+    "TaskBalanceCallback",
 ]

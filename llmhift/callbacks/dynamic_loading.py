@@ -55,7 +55,9 @@ class DynamicLoadingCallback(Callback):
 
     Reads ``<domain>_LanguageCrossEntropy`` of every domain from the evaluator ``eval_label`` once all
     evaluators have run, computes the new proportions with :func:`doremi_update` and hands them to the
-    train loader's :class:`~llmhift.datasets.dynamic_streaming.DynamicStreamingDataset`. They take
+    train loader's :class:`~llmhift.datasets.dynamic_streaming.DynamicStreamingDataset` (or, for
+    multi-task instruction data, its :class:`~llmhift.datasets.instruction_tasks.TaskMixDataset`:
+    the domains are then tasks, with the same sampler). They take
     effect ``lookahead_batches`` batches later (see the dataset), the same on every rank and in every
     data-loader worker. The proportions in force are part of the dataset's checkpointed state, so a
     resumed run restores them before its first batch; this callback's own state is the update history.
@@ -129,7 +131,7 @@ class DynamicLoadingCallback(Callback):
             raise TypeError(
                 f"callbacks.data_loading needs the train loader to read a DynamicStreamingDataset (or a dataset "
                 f"with llmhift.mixture.DomainMixDataset's members), got {type(dataset).__name__}; "
-                "set `train_loader.name: dynamic`"
+                "set `train_loader.name: dynamic`, or give the instruction loader dataset.tasks (a task mix)"
             )
         missing = [d for d in self.set_names if d not in dataset.domains]
         extra = [d for d in dataset.domains if d not in self.set_names]

@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from llmhift.atomic import atomic_replace
 from llmhift.mixture import check_proportion
 
-__all__ = ["DynamicStreamingDataset", "check_proportion"]
+__all__ = ["DynamicMixDataset", "DynamicStreamingDataset", "check_proportion"]
 
 _BLOCK = 4096  # global samples per seeded block of domain draws (any fixed size works; it is part of the seed)
 _DRAW_STREAM, _SHUFFLE_STREAM = 0, 1  # keep the two random streams of one seed apart
@@ -85,6 +85,9 @@ class _Walk:
         self._block: tuple[int, np.ndarray] | None = None
 
     def _uniforms(self, a: int, b: int) -> np.ndarray:
+        block = a // _BLOCK
+        if self._block is not None and self._block[0] == block and (b - 1) // _BLOCK == block:
+            return self._block[1][a - block * _BLOCK : b - block * _BLOCK]  # the usual case: one cached block
         parts = []
         for block in range(a // _BLOCK, (b - 1) // _BLOCK + 1):
             if self._block is None or self._block[0] != block:
@@ -104,16 +107,191 @@ class _Walk:
         # a zero share is never drawn, whatever the rounding of the cumulative sum.
         target = self._uniforms(a, to) * cum[:, -1]  # (n,)
         domains = (cum <= target[:, None]).sum(axis=1)  # (n,) searchsorted row by row
-        draws = np.empty(len(index), dtype=np.int64)  # (n,)
-        for d in range(proportions.shape[1]):
-            rows = np.flatnonzero(domains == d)
-            draws[rows] = self.counts[d] + np.arange(len(rows))
-            self.counts[d] += len(rows)
+        # a sample's draw number: its domain's count so far plus the earlier samples of that domain here
+        seen = np.cumsum(domains[:, None] == np.arange(proportions.shape[1]), axis=0)  # (n, D)
+        draws = self.counts[domains] + seen[np.arange(len(index)), domains] - 1  # (n,)
+        if len(index):
+            self.counts += seen[-1]
         self.position = to
         return domains, draws
 
 
-class DynamicStreamingDataset(IterableDataset):
+class DynamicMixDataset(IterableDataset):
+    """Samples from several sources (domains, or instruction tasks) mixed by proportions that may change
+    mid-run: the sampler both :class:`DynamicStreamingDataset` and the multi-task instruction loader use.
+    A subclass gives each source's size and its :meth:`_load` (sample id -> item without ``domain_idx``).
+
+    Args:
+        domains (Sequence[str]): the source names, in metric order (``domain_idx``).
+        sizes (Sequence[int]): samples per source (each > 0).
+        batch_size, proportion, seed, lookahead_batches, max_updates, rank, world_size: as for
+            :class:`DynamicStreamingDataset`.
+    """
+
+    def __init__(
+        self,
+        domains: Sequence[str],
+        sizes: Sequence[int],
+        batch_size: int,
+        proportion: Sequence[float] | None = None,
+        seed: int = 17,
+        lookahead_batches: int = 32,
+        max_updates: int = 4096,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world_size = world_size or (torch.distributed.get_world_size() if distributed else 1)
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        if batch_size < 1 or lookahead_batches < 1 or max_updates < 1:
+            raise ValueError(
+                f"batch_size ({batch_size}), lookahead_batches ({lookahead_batches}) and max_updates "
+                f"({max_updates}) must be positive"
+            )
+        self.domains, self.batch_size, self.seed = list(domains), batch_size, seed
+        self.lookahead_batches = lookahead_batches
+        self.sizes = [int(n) for n in sizes]
+        if proportion is None:
+            proportion = [n / sum(self.sizes) for n in self.sizes]
+        D = len(self.domains)
+        # Shared before any worker exists; workers (fork or spawn) map the same memory.
+        self._starts = torch.zeros(max_updates, dtype=torch.int64).share_memory_()  # (U,) first sample
+        self._proportions = torch.zeros(max_updates, D, dtype=torch.float64).share_memory_()  # (U, D)
+        self._num_entries = torch.zeros(2, dtype=torch.int64).share_memory_()  # entries, then writes so far
+        self._base = torch.zeros(1 + D, dtype=torch.int64).share_memory_()  # position, then counts (D,)
+        self._proportions[0] = torch.tensor(check_proportion(proportion, self.domains), dtype=torch.float64)
+        self._num_entries[0] = 1
+        self._replay: _Walk | None = None  # main process: the walk state_dict advances incrementally
+        self._permutations: dict[int, tuple[int, np.ndarray]] = {}
+        self._domain_ids = [torch.tensor(d) for d in range(D)]  # shared by samples: collation copies them
+        self._schedule_cache: tuple[int, np.ndarray, np.ndarray] | None = None  # (writes, starts, proportions)
+
+    def _load(self, d: int, sample_id: int) -> dict[str, torch.Tensor]:
+        """Sample ``sample_id`` of source ``d`` as a new dict of tensors (a subclass's job)."""
+        raise NotImplementedError
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def schedule(self) -> list[tuple[int, list[float]]]:
+        """``[(first global sample, proportions), ...]`` in force now, oldest first."""
+        n = int(self._num_entries[0])
+        return [(int(s), p.tolist()) for s, p in zip(self._starts[:n], self._proportions[:n])]
+
+    @property
+    def proportion(self) -> list[float]:
+        """The latest proportions (possibly not yet in force: see :meth:`set_proportion`)."""
+        return self._proportions[int(self._num_entries[0]) - 1].tolist()
+
+    def set_proportion(self, proportion: Sequence[float], num_samples: int) -> int:
+        """Mixes by ``proportion`` from ``lookahead_batches`` global batches after ``num_samples`` (the
+        global samples consumed so far); returns that first global sample. ``num_samples=0`` before
+        the first batch sets the initial mix instead."""
+        values = torch.tensor(check_proportion(proportion, self.domains), dtype=torch.float64)
+        n = int(self._num_entries[0])
+        start = num_samples + self.lookahead_batches * self.global_batch_size
+        if num_samples == 0 and int(self._base[0]) == 0:
+            start = 0  # before the first batch nothing can have been prefetched
+        last = int(self._starts[n - 1])
+        if start < last:
+            raise ValueError(f"num_samples={num_samples} is behind the schedule's last entry at sample {last}")
+        if start > last:
+            if n == len(self._starts):
+                raise ValueError(f"the schedule holds at most max_updates={n} entries; raise max_updates")
+            self._starts[n] = start
+            n += 1
+        self._proportions[n - 1] = values  # written before the count, so a reader never sees a half entry
+        self._num_entries[0] = n
+        self._num_entries[1] += 1  # last: a reader that sees this write count sees the whole entry
+        return start
+
+    def _schedule_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The schedule's starts and proportions, re-read only after a write (every batch asks)."""
+        writes = int(self._num_entries[1])
+        if self._schedule_cache is None or self._schedule_cache[0] != writes:
+            n = int(self._num_entries[0])
+            self._schedule_cache = (writes, self._starts[:n].numpy().copy(), self._proportions[:n].numpy().copy())
+        return self._schedule_cache[1], self._schedule_cache[2]
+
+    def _sample_id(self, d: int, draw: int) -> int:
+        size = self.sizes[d]
+        epoch = draw // size
+        cached = self._permutations.get(d)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, d, epoch])
+            cached = (epoch, rng.permutation(size))
+            self._permutations[d] = cached
+        return int(cached[1][draw % size])
+
+    def _item(self, d: int, draw: int) -> dict[str, torch.Tensor]:
+        item = self._load(d, self._sample_id(d, draw))
+        item["domain_idx"] = self._domain_ids[d]
+        return item
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        base = self._base.numpy().copy()
+        walk = _Walk(self.seed, int(base[0]), base[1:])
+        B, W, G = self.batch_size, self.world_size, self.global_batch_size
+        batch = worker
+        while True:
+            first = int(base[0]) + batch * G  # this rank-batch's global batch starts here
+            # Walk every global sample up to the end of the batch (other ranks' and workers' too: the
+            # draw counts depend on them), reading the schedule afresh, never beyond the batch.
+            domains, draws = walk.advance(first + G, *self._schedule_arrays())
+            offset = first - (walk.position - len(domains))
+            mine = offset + np.arange(B) * W + self.rank  # (B,) positions of this rank's samples
+            for d, k in zip(domains[mine].tolist(), draws[mine].tolist()):
+                yield self._item(d, k)
+            batch += workers
+
+    def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict[str, Any]:
+        """The position after ``num_samples`` global samples, its draw counts and the schedule.
+
+        ``from_beginning`` is accepted for Composer's call; the stream has one endless epoch, so the
+        count is always from its beginning.
+        """
+        del from_beginning  # one endless epoch: Composer's count is always from the start
+        starts, proportions = self._schedule_arrays()
+        if self._replay is None or self._replay.position > num_samples:
+            base = self._base.numpy()
+            self._replay = _Walk(self.seed, int(base[0]), base[1:])
+        if num_samples < self._replay.position:
+            raise ValueError(f"num_samples={num_samples} is before the resumed position {self._replay.position}")
+        if num_samples > self._replay.position:
+            self._replay.advance(num_samples, starts, proportions)
+        return {
+            "domains": list(self.domains),
+            "seed": self.seed,
+            "num_samples": num_samples,
+            "counts": self._replay.counts.tolist(),
+            "schedule": [[s, p] for s, p in self.schedule()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues after ``state['num_samples']`` with the saved schedule; the domains and seed must match."""
+        if state["domains"] != self.domains or state["seed"] != self.seed:
+            raise ValueError(
+                f"the checkpoint's data stream has domains {state['domains']} and seed {state['seed']}; "
+                f"this dataset has {self.domains} and seed {self.seed}: resume with the same ones"
+            )
+        schedule = state["schedule"]
+        if len(schedule) > len(self._starts):
+            raise ValueError(f"the checkpoint's schedule has {len(schedule)} entries; raise max_updates")
+        for i, (start, proportion) in enumerate(schedule):
+            self._starts[i] = start
+            self._proportions[i] = torch.tensor(proportion, dtype=torch.float64)
+        self._num_entries[0] = len(schedule)
+        self._num_entries[1] += 1
+        self._base[0] = state["num_samples"]
+        self._base[1:] = torch.tensor(state["counts"], dtype=torch.int64)
+        self._replay = None
+
+
+class DynamicStreamingDataset(DynamicMixDataset):
     """Samples from one MDS folder per domain, mixed by proportions that may change mid-run.
 
     The order is a pure function of ``(seed, world size, batch size, the proportion schedule)``:
@@ -175,149 +353,14 @@ class DynamicStreamingDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        super().__init__()
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.world_size = world_size or (torch.distributed.get_world_size() if distributed else 1)
-        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
-        if batch_size < 1 or lookahead_batches < 1 or max_updates < 1:
-            raise ValueError(
-                f"batch_size ({batch_size}), lookahead_batches ({lookahead_batches}) and max_updates "
-                f"({max_updates}) must be positive"
-            )
-        self.domains, self.batch_size, self.seed = list(domains), batch_size, seed
-        self.lookahead_batches = lookahead_batches
         root = Path(local) / split
-        self._sources = [
-            _Domain(root / d, f"{remote.rstrip('/')}/{split}/{d}" if remote else None) for d in self.domains
-        ]
-        self.sizes = [source.size for source in self._sources]
-        empty = [d for d, n in zip(self.domains, self.sizes) if n == 0]
+        self._sources = [_Domain(root / d, f"{remote.rstrip('/')}/{split}/{d}" if remote else None) for d in domains]
+        sizes = [source.size for source in self._sources]
+        empty = [d for d, n in zip(domains, sizes) if n == 0]
         if empty:
             raise ValueError(f"domain(s) {empty} under {root} hold no samples")
-        if proportion is None:
-            proportion = [n / sum(self.sizes) for n in self.sizes]
-        D = len(self.domains)
-        # Shared before any worker exists; workers (fork or spawn) map the same memory.
-        self._starts = torch.zeros(max_updates, dtype=torch.int64).share_memory_()  # (U,) first sample
-        self._proportions = torch.zeros(max_updates, D, dtype=torch.float64).share_memory_()  # (U, D)
-        self._num_entries = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._base = torch.zeros(1 + D, dtype=torch.int64).share_memory_()  # position, then counts (D,)
-        self._proportions[0] = torch.tensor(check_proportion(proportion, self.domains), dtype=torch.float64)
-        self._num_entries[0] = 1
-        self._replay: _Walk | None = None  # main process: the walk state_dict advances incrementally
-        self._permutations: dict[int, tuple[int, np.ndarray]] = {}
+        super().__init__(domains, sizes, batch_size, proportion, seed, lookahead_batches, max_updates, rank, world_size)
 
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
-    def schedule(self) -> list[tuple[int, list[float]]]:
-        """``[(first global sample, proportions), ...]`` in force now, oldest first."""
-        n = int(self._num_entries[0])
-        return [(int(s), p.tolist()) for s, p in zip(self._starts[:n], self._proportions[:n])]
-
-    @property
-    def proportion(self) -> list[float]:
-        """The latest proportions (possibly not yet in force: see :meth:`set_proportion`)."""
-        return self._proportions[int(self._num_entries[0]) - 1].tolist()
-
-    def set_proportion(self, proportion: Sequence[float], num_samples: int) -> int:
-        """Mixes by ``proportion`` from ``lookahead_batches`` global batches after ``num_samples`` (the
-        global samples consumed so far); returns that first global sample. ``num_samples=0`` before
-        the first batch sets the initial mix instead."""
-        values = torch.tensor(check_proportion(proportion, self.domains), dtype=torch.float64)
-        n = int(self._num_entries[0])
-        start = num_samples + self.lookahead_batches * self.global_batch_size
-        if num_samples == 0 and int(self._base[0]) == 0:
-            start = 0  # before the first batch nothing can have been prefetched
-        last = int(self._starts[n - 1])
-        if start < last:
-            raise ValueError(f"num_samples={num_samples} is behind the schedule's last entry at sample {last}")
-        if start > last:
-            if n == len(self._starts):
-                raise ValueError(f"the schedule holds at most max_updates={n} entries; raise max_updates")
-            self._starts[n] = start
-            n += 1
-        self._proportions[n - 1] = values  # written before the count, so a reader never sees a half entry
-        self._num_entries[0] = n
-        return start
-
-    def _schedule_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        n = int(self._num_entries[0])
-        return self._starts[:n].numpy().copy(), self._proportions[:n].numpy().copy()
-
-    def _sample_id(self, d: int, draw: int) -> int:
-        size = self.sizes[d]
-        epoch = draw // size
-        cached = self._permutations.get(d)
-        if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, d, epoch])
-            cached = (epoch, rng.permutation(size))
-            self._permutations[d] = cached
-        return int(cached[1][draw % size])
-
-    def _item(self, d: int, draw: int) -> dict[str, torch.Tensor]:
-        sample = self._sources[d].get(self._sample_id(d, draw))
-        return {
-            "input_ids": torch.from_numpy(sample["tokens"].astype(np.int64)),  # (L,), a writable copy
-            "domain_idx": torch.tensor(d),
-        }
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        base = self._base.numpy().copy()
-        walk = _Walk(self.seed, int(base[0]), base[1:])
-        B, W, G = self.batch_size, self.world_size, self.global_batch_size
-        batch = worker
-        while True:
-            first = int(base[0]) + batch * G  # this rank-batch's global batch starts here
-            # Walk every global sample up to the end of the batch (other ranks' and workers' too: the
-            # draw counts depend on them), reading the schedule afresh, never beyond the batch.
-            domains, draws = walk.advance(first + G, *self._schedule_arrays())
-            offset = first - (walk.position - len(domains))
-            mine = offset + np.arange(B) * W + self.rank  # (B,) positions of this rank's samples
-            for d, k in zip(domains[mine].tolist(), draws[mine].tolist()):
-                yield self._item(d, k)
-            batch += workers
-
-    def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict[str, Any]:
-        """The position after ``num_samples`` global samples, its draw counts and the schedule.
-
-        ``from_beginning`` is accepted for Composer's call; the stream has one endless epoch, so the
-        count is always from its beginning.
-        """
-        del from_beginning  # one endless epoch: Composer's count is always from the start
-        starts, proportions = self._schedule_arrays()
-        if self._replay is None or self._replay.position > num_samples:
-            base = self._base.numpy()
-            self._replay = _Walk(self.seed, int(base[0]), base[1:])
-        if num_samples < self._replay.position:
-            raise ValueError(f"num_samples={num_samples} is before the resumed position {self._replay.position}")
-        if num_samples > self._replay.position:
-            self._replay.advance(num_samples, starts, proportions)
-        return {
-            "domains": list(self.domains),
-            "seed": self.seed,
-            "num_samples": num_samples,
-            "counts": self._replay.counts.tolist(),
-            "schedule": [[s, p] for s, p in self.schedule()],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continues after ``state['num_samples']`` with the saved schedule; the domains and seed must match."""
-        if state["domains"] != self.domains or state["seed"] != self.seed:
-            raise ValueError(
-                f"the checkpoint's data stream has domains {state['domains']} and seed {state['seed']}; "
-                f"this dataset has {self.domains} and seed {self.seed}: resume with the same ones"
-            )
-        schedule = state["schedule"]
-        if len(schedule) > len(self._starts):
-            raise ValueError(f"the checkpoint's schedule has {len(schedule)} entries; raise max_updates")
-        for i, (start, proportion) in enumerate(schedule):
-            self._starts[i] = start
-            self._proportions[i] = torch.tensor(proportion, dtype=torch.float64)
-        self._num_entries[0] = len(schedule)
-        self._base[0] = state["num_samples"]
-        self._base[1:] = torch.tensor(state["counts"], dtype=torch.int64)
-        self._replay = None
+    def _load(self, d: int, sample_id: int) -> dict[str, torch.Tensor]:
+        sample = self._sources[d].get(sample_id)
+        return {"input_ids": torch.from_numpy(sample["tokens"].astype(np.int64))}  # (L,), a writable copy

@@ -16,6 +16,10 @@ Two templates turn rounds into tokens:
   are response. Pieces are tokenized one by one and concatenated, so the boundary is exact.
 * ``chat_template="tokenizer"``: the tokenizer's own ``chat_template`` (``apply_chat_template``), as
   an instruct model was trained with; see :func:`chat_template_segments` for how the boundary is found.
+* ``chat_template="mftcoder"``: MFTCoder's training text, ``<s>human\n{input}<s>bot\n{target}{EOS}``
+  per round after ``<s>system\n{system}`` (:data:`MFTCODER_ROLES`, llmhift's mechanism with its texts).
+
+Several tasks (MFTCoder's ``data_name``, task folders) are read by :mod:`llmhift.datasets.instruction_tasks`.
 
 A sample is ``{input_ids, labels, attention_mask}`` of ``max_seq_len`` tokens, padded on the right:
 ``labels`` equal ``input_ids`` on response tokens and are -100 elsewhere (the model shifts them).
@@ -35,8 +39,9 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
 from jinja2 import TemplateError
 from torch.utils.data import Dataset
@@ -47,13 +52,24 @@ from llmhift.labels import IGNORE_INDEX
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
+    "MFTCODER_TEMPLATE",
+    "PACKING_MIXED",
+    "TASK_FIELD",
     "TOKENIZER_TEMPLATE",
     "InstructionDataset",
+    "arithmetic_chats",
     "build_demo_instructions",
     "chat_template_segments",
     "check_instruction_dataset",
+    "compact",
+    "docstring_pairs",
+    "encode_at",
     "encode_conversation",
+    "make_rows",
+    "padded_sample",
     "read_conversations",
+    "read_tagged_conversations",
+    "require_chat_template",
     "resolve_template",
 ]
 
@@ -66,6 +82,12 @@ DEFAULT_CHAT_TEMPLATE = {
     "human": "<|user|>\n{content}\n",
     "bot": "<|assistant|>\n{content}\n",
 }
+MFTCODER_TEMPLATE = "mftcoder"  # chat_template value that selects MFTCoder's format (MFTCODER_ROLES)
+# MFTCoder's training text: ``<s>human\n{input}<s>bot\n{target}{EOS}`` per round, ``<s>system\n`` first;
+# the literal ``<s>`` is text here (tokenized as such), the EOS is the tokenizer's, added after each target.
+MFTCODER_ROLES = {"system": "<s>system\n{content}", "human": "<s>human\n{content}", "bot": "<s>bot\n{content}"}
+TASK_FIELD = "data_name"  # MFTCoder's per-line task name
+PACKING_MIXED = "mixed"  # packing value that lets one row hold several tasks' conversations
 SHAPES = ('{"prompt": str, "response": str} or {"chat_rounds" (or "messages"): '
           '[{"role": system|human|bot (or user|assistant), "content": str}, ...]}')
 
@@ -107,6 +129,13 @@ def _rounds(row: Any, where: str) -> list[dict[str, str]]:
 
 def read_conversations(path: Path) -> Iterator[tuple[str, list[dict[str, str]]]]:
     """``(path:line, rounds)`` for every non-blank line; a ValueError names the first bad line."""
+    for where, rounds, _ in read_tagged_conversations(path):
+        yield where, rounds
+
+
+def read_tagged_conversations(path: Path) -> Iterator[tuple[str, list[dict[str, str]], Any]]:
+    """``(path:line, rounds, the line's TASK_FIELD or None)`` for every non-blank line, checked as
+    :func:`read_conversations` does; the task field is returned as written, for the caller to check."""
     with path.open("rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
         for line_no, line in enumerate(f, 1):
             where = f"{path}:{line_no}"
@@ -119,7 +148,7 @@ def read_conversations(path: Path) -> Iterator[tuple[str, list[dict[str, str]]]]
                                  "fix or remove the line") from None
             except UnicodeDecodeError:
                 raise ValueError(f"{where}: not UTF-8 text; re-encode the file as UTF-8") from None
-            yield where, _rounds(row, where)
+            yield where, _rounds(row, where), row.get(TASK_FIELD) if isinstance(row, dict) else None
 
 
 def chat_template_segments(
@@ -229,9 +258,12 @@ def resolve_template(chat_template: Mapping[str, str] | str | None) -> Mapping[s
         return DEFAULT_CHAT_TEMPLATE
     if chat_template == TOKENIZER_TEMPLATE:
         return TOKENIZER_TEMPLATE
+    if chat_template == MFTCODER_TEMPLATE:
+        return MFTCODER_ROLES
     if not isinstance(chat_template, Mapping):
         raise ValueError(f"chat_template: {chat_template!r} is unknown; give {TOKENIZER_TEMPLATE!r} (the "
-                         "tokenizer's own template) or a {system, human, bot} mapping of texts around {content}")
+                         f"tokenizer's own template), {MFTCODER_TEMPLATE!r} or a {{system, human, bot}} mapping "
+                         "of texts around {content}")
     template = dict(chat_template)
     bad = [r for r in ROLES if not isinstance(template.get(r), str) or template[r].count("{content}") != 1]
     if bad:
@@ -239,15 +271,17 @@ def resolve_template(chat_template: Mapping[str, str] | str | None) -> Mapping[s
     return template
 
 
-def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A ValueError naming the fix when ``chat_template: tokenizer`` meets a tokenizer without one."""
     if not tokenizer.chat_template:
         raise ValueError(f"chat_template: tokenizer {tokenizer.name_or_path} has no chat_template; leave "
                          "chat_template unset for llmhift's {system, human, bot} template, or point "
                          "dataset.tokenizer at a tokenizer folder that has one")
 
 
-def _encode(where: str, rounds: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
-            template: Mapping[str, str] | str) -> tuple[list[int], list[int]]:
+def encode_at(where: str, rounds: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
+              template: Mapping[str, str] | str) -> tuple[list[int], list[int]]:
+    """:func:`encode_conversation`, its ValueError prefixed with ``chat_template:`` and the line."""
     try:
         return encode_conversation(rounds, tokenizer, template)
     except ValueError as err:
@@ -278,7 +312,7 @@ class InstructionDataset(Dataset):
     ) -> None:
         template = resolve_template(chat_template)
         if template == TOKENIZER_TEMPLATE:
-            _require_chat_template(tokenizer)
+            require_chat_template(tokenizer)
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer: has no EOS token; responses must end with one")
         path = Path(folder) / f"{split}.jsonl"
@@ -288,50 +322,71 @@ class InstructionDataset(Dataset):
         self.max_seq_len = max_seq_len
         conversations = []
         for where, rounds in read_conversations(path):
-            ids, labels = _encode(where, rounds, tokenizer, template)
+            ids, labels = encode_at(where, rounds, tokenizer, template)
             conversations.append((ids[:max_seq_len], labels[:max_seq_len]))
-        # A conversation whose responses were all cut off teaches nothing; its loss would be 0/0.
-        self.rows = [c for c in (self._pack(conversations) if packing else conversations)
-                     if any(t != IGNORE_INDEX for t in c[1])]
+        self.rows = [compact(row) for row, _ in make_rows(conversations, max_seq_len, packing)]
         if not self.rows:
             raise ValueError(f"{path}: no sample keeps a response token within max_seq_len={max_seq_len}")
-
-    def _pack(self, conversations: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
-        rows: list[tuple[list[int], list[int]]] = []
-        for ids, labels in conversations:  # in file order: a new row when the next one does not fit
-            if rows and len(rows[-1][0]) + len(ids) <= self.max_seq_len:
-                rows[-1][0].extend(ids)
-                rows[-1][1].extend(labels)
-            else:
-                rows.append((list(ids), list(labels)))
-        return rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids, labels = self.rows[i]
-        pad = self.max_seq_len - len(ids)
-        return {
-            "input_ids": torch.tensor(ids + [self.pad_id] * pad),  # (T,)
-            "labels": torch.tensor(labels + [IGNORE_INDEX] * pad),  # (T,)
-            "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),  # (T,)
-        }
+        return padded_sample(*self.rows[i], self.max_seq_len, self.pad_id)
 
 
-def check_instruction_dataset(dataset: Any, build_demo: bool = False) -> None:
+Row = tuple[list[int], list[int]]  # token ids and labels of one row or conversation
+
+
+def make_rows(conversations: list[Row], max_seq_len: int, packing: bool) -> list[tuple[Row, int]]:
+    """Rows of at most ``max_seq_len`` tokens, each with the index of its first conversation: one
+    conversation each, or with ``packing`` as many as fit, in order (a new row when the next one does
+    not fit). Rows without a response token are dropped: a conversation whose responses were all cut
+    off teaches nothing, and its loss would be 0/0."""
+    rows: list[tuple[Row, int]] = []
+    for i, (ids, labels) in enumerate(conversations):
+        if packing and rows and len(rows[-1][0][0]) + len(ids) <= max_seq_len:
+            rows[-1][0][0].extend(ids)
+            rows[-1][0][1].extend(labels)
+        else:
+            rows.append(((list(ids), list(labels)), i))
+    return [(row, first) for row, first in rows if any(t != IGNORE_INDEX for t in row[1])]
+
+
+def compact(row: Row) -> tuple[np.ndarray, np.ndarray]:
+    """A row as two int32 arrays: a tenth of a list's memory, and :func:`padded_sample` copies them fast."""
+    return np.asarray(row[0], dtype=np.int32), np.asarray(row[1], dtype=np.int32)
+
+
+def padded_sample(ids: np.ndarray, labels: np.ndarray, max_seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """``{input_ids, labels, attention_mask}`` of ``max_seq_len`` tokens from a :func:`compact` row,
+    padded on the right."""
+    n = len(ids)
+    input_ids = torch.full((max_seq_len,), pad_id, dtype=torch.long)  # (T,)
+    input_ids[:n] = torch.from_numpy(ids)
+    targets = torch.full((max_seq_len,), IGNORE_INDEX, dtype=torch.long)  # (T,)
+    targets[:n] = torch.from_numpy(labels)
+    return {"input_ids": input_ids, "labels": targets, "attention_mask": (torch.arange(max_seq_len) < n).long()}
+
+
+def check_instruction_dataset(
+    dataset: Any, build_demo: bool = False, conversations: Iterable[tuple[str, list[dict[str, str]]]] | None = None
+) -> None:
     """Checks a loader's ``dataset`` section (``local``, ``split``, ``tokenizer``, ``max_seq_len``,
     ``chat_template``) and every line of its jsonl before anything heavy starts; builds the demo set
     into ``local`` when asked and missing. Errors start with the offending field's name.
+    ``conversations`` (``(path:line, rounds)``) replaces ``<local>/<split>.jsonl``: the multi-task
+    loader reads its task files itself (its errors name their field).
 
     With the tokenizer's template, one conversation of each role sequence is encoded here, so a
     template that does not render prefix by prefix fails now rather than after minutes of tokenizing.
     """
     path = Path(dataset.local) / f"{dataset.split}.jsonl"
-    if build_demo and not path.is_file():
-        build_demo_instructions(dataset.local)
-    if not path.is_file():
-        raise ValueError(f"local: {path} does not exist (an instruction folder holds <split>.jsonl)")
+    if conversations is None:
+        if build_demo and not path.is_file():
+            build_demo_instructions(dataset.local)
+        if not path.is_file():
+            raise ValueError(f"local: {path} does not exist (an instruction folder holds <split>.jsonl)")
     if dataset.max_seq_len is None or dataset.max_seq_len < 2:
         raise ValueError(f"max_seq_len: the instruction loader needs a row length of at least 2, got {dataset.max_seq_len}")
     folder = Path(dataset.tokenizer or "")
@@ -340,17 +395,17 @@ def check_instruction_dataset(dataset: Any, build_demo: bool = False) -> None:
     template = resolve_template(dataset.chat_template)
     shapes: dict[tuple[str, ...], tuple[str, list[dict[str, str]]]] = {}
     try:
-        for where, rounds in read_conversations(path):
+        for where, rounds in read_conversations(path) if conversations is None else conversations:
             shapes.setdefault(tuple(turn["role"] for turn in rounds), (where, rounds))
     except ValueError as err:
-        raise ValueError(f"local: {err}") from None
+        raise ValueError(f"local: {err}" if conversations is None else str(err)) from None
     if not shapes:
         raise ValueError(f"local: {path} holds no conversation; write one JSON object per line: {SHAPES}")
     if template == TOKENIZER_TEMPLATE:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        _require_chat_template(tokenizer)
+        require_chat_template(tokenizer)
         for where, rounds in shapes.values():
-            _encode(where, rounds, tokenizer, template)
+            encode_at(where, rounds, tokenizer, template)
 
 
 _DEMO_MODULES = ("json", "os.path", "re", "string", "textwrap", "shutil", "random", "math", "itertools",
@@ -358,7 +413,8 @@ _DEMO_MODULES = ("json", "os.path", "re", "string", "textwrap", "shutil", "rando
                  "difflib", "fnmatch", "glob", "calendar", "copy", "csv", "html", "zlib", "gzip", "pathlib")
 
 
-def _docstring_pairs() -> list[dict[str, str]]:
+def docstring_pairs() -> list[dict[str, str]]:
+    """``{prompt, response}``: "What does `json.dumps` do?" -> the first sentence of its docstring."""
     pairs = []
     for module_name in _DEMO_MODULES:
         module = importlib.import_module(module_name)
@@ -372,7 +428,8 @@ def _docstring_pairs() -> list[dict[str, str]]:
     return pairs
 
 
-def _arithmetic_chats(n: int, rng: random.Random) -> list[dict[str, Any]]:
+def arithmetic_chats(n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """``n`` two-round ``chat_rounds`` (a system turn, a sum, then a product) with exact answers."""
     chats = []
     for _ in range(n):
         a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
@@ -392,7 +449,7 @@ def build_demo_instructions(folder: str | Path, seed: int = 17) -> Path:
     if (folder / "train.jsonl").is_file() and (folder / "eval.jsonl").is_file():
         return folder
     rng = random.Random(seed)
-    rows: list[dict[str, Any]] = _docstring_pairs() + _arithmetic_chats(600, rng)
+    rows: list[dict[str, Any]] = docstring_pairs() + arithmetic_chats(600, rng)
     rng.shuffle(rows)
     n_eval = max(len(rows) // 20, 1)
     try:

@@ -17,9 +17,9 @@ from torch.utils.checkpoint import checkpoint
 from torchmetrics import Metric
 
 from llmhift.models.causal_lm import (
-    causal_lm_loss,
+    batch_loss,
+    build_task_loss,
     eval_metrics,
-    next_token_targets,
     transformer_flops_per_batch,
 )
 from llmhift.models.metrics import domain_metrics, update_llm_metric
@@ -443,6 +443,11 @@ class ComposerLlama(ComposerModel):
             (``load_state_dict(..., assign=True)``) or broadcast by FSDP afterwards. The mask source
             and the metrics are not affected. Default: ``None`` (the current default device, randomly
             initialised with ``init_std``).
+        tasks (Sequence[str]): instruction tasks, in ``domain_idx`` order: the loss is then a
+            :class:`~llmhift.models.causal_lm.TaskLoss` and records per-task train losses. Default: none.
+        loss_balance (str): how tasks are weighed, one of ``LOSS_BALANCES`` (see ``TaskLoss``).
+            Default: ``token``.
+        focal_gamma (float): the ``focal`` exponent. Default: ``2.0``.
 
     Batches are dicts with ``input_ids`` (B, T) and optionally ``labels`` aligned with them (-100
     where no loss is wanted). Every sequence is treated as causal and unpadded: pad on the right
@@ -462,6 +467,9 @@ class ComposerLlama(ComposerModel):
         train_metrics: bool = False,
         eval_domains: Sequence[str] = (),
         init_device: str | torch.device | None = None,
+        tasks: Sequence[str] = (),
+        loss_balance: str = "token",
+        focal_gamma: float = 2.0,
     ) -> None:
         super().__init__()
         self.config = config if isinstance(config, LlamaConfig) else LlamaConfig.from_dict(config)
@@ -470,6 +478,7 @@ class ComposerLlama(ComposerModel):
         self.mask_source = mask_source
         self.train_metrics = eval_metrics() if train_metrics else {}
         self.eval_metrics = {**eval_metrics(), **domain_metrics(eval_domains)}
+        self.task_loss = build_task_loss(tasks, loss_balance, focal_gamma)
         # The input embedding is a lookup, not a matmul; a tied table is still the LM head's matmul.
         embedding = self.model.tok_embeddings.weight.numel()
         total = sum(p.numel() for p in self.model.parameters())
@@ -480,7 +489,7 @@ class ComposerLlama(ComposerModel):
         return self.model(batch["input_ids"], masks=masks)
 
     def loss(self, outputs: torch.Tensor, batch: Mapping[str, Any], *args, **kwargs) -> torch.Tensor:
-        return causal_lm_loss(outputs, next_token_targets(batch))
+        return batch_loss(outputs, batch, self.task_loss)
 
     def eval_forward(self, batch: Mapping[str, Any], outputs: torch.Tensor | None = None) -> torch.Tensor:
         return outputs if outputs is not None else self.forward(batch)
