@@ -21,7 +21,7 @@ from composer.optim import DecoupledAdamW
 
 from llmhift.build.config import ConfigError, OptimizerConfig
 
-__all__ = ["OptimizerSpec", "OPTIMIZERS", "check_optimizer", "make_optimizer", "optimizer_state_bytes",
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "check_optimizer", "check_installed", "make_optimizer", "optimizer_state_bytes",
            "BNB_BLOCK"]
 
 FP32 = 4
@@ -141,8 +141,8 @@ def _spec(opt: OptimizerConfig) -> OptimizerSpec:
 
 def check_optimizer(opt: OptimizerConfig, *, pruning: bool = False, on_gpu: Optional[bool] = None) -> None:
     """Every check of the ``optimizer`` section: the name, each hyperparameter's range and whether the
-    named optimizer reads it, the package, the device (``on_gpu=None``: not known, as in a dry run away
-    from the cluster), and L0 pruning's negative rate (``pruning``: the yaml has ``model.l0_module``)."""
+    named optimizer reads it, L0 pruning's negative rate (``pruning``: the yaml has ``model.l0_module``)
+    and, unless ``on_gpu`` is None (a dry run away from the cluster), :func:`check_installed`."""
     spec = _spec(opt)
     unused = [key for key in ("momentum", "nesterov", "betas", "eps", "weight_decay")
               if key not in spec.uses and getattr(opt, key) != getattr(_DEFAULTS, key)]
@@ -165,18 +165,27 @@ def check_optimizer(opt: OptimizerConfig, *, pruning: bool = False, on_gpu: Opti
     if pruning and not spec.negative_lr:
         raise ConfigError(f"optimizer.name: {opt.name} cannot train L0 pruning's Lagrange multipliers at -lag_lr: "
                           f"{spec.why_not_negative}")
-    if spec.package and importlib.util.find_spec(spec.package) is None:
-        raise ConfigError(f"optimizer.name: {opt.name} needs the {spec.package} package, which is not installed; "
-                          f"pip install 'llmhift[{spec.extra}]'")
+    if on_gpu is not None:
+        check_installed(opt, on_gpu)
+
+
+def check_installed(opt: OptimizerConfig, on_gpu: Optional[bool] = None) -> None:
+    """What this machine must have for ``opt``: a CUDA GPU (``on_gpu``; None: not checked) for the
+    bitsandbytes optimizers, and the optimizer's package. A dry run reports these as notes."""
+    spec = _spec(opt)
     if spec.gpu_only and on_gpu is False:
         raise ConfigError(f"optimizer.name: {opt.name} (bitsandbytes) runs on CUDA GPUs only and this machine has "
                           "none; use adamw (or lion for the same update in 32 bits)")
+    if spec.package and importlib.util.find_spec(spec.package) is None:
+        raise ConfigError(f"optimizer.name: {opt.name} needs the {spec.package} package, which is not installed; "
+                          f"pip install 'llmhift[{spec.extra}]'")
 
 
 def make_optimizer(opt: OptimizerConfig, params: Any, pruning: bool = False) -> torch.optim.Optimizer:
     """The optimizer named by ``opt`` over ``params`` (tensors or param groups; ``pruning``: they are
     :func:`~llmhift.models.l0_module.pruning_param_groups`'), checked first."""
     check_optimizer(opt, pruning=pruning)
+    check_installed(opt)
     return _spec(opt).build(params, opt)
 
 
