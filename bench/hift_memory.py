@@ -1,7 +1,7 @@
 """Peak memory and step time of HiFT vs full fine-tuning of the same model, side by side; prints JSON.
 
     python bench/hift_memory.py [--optimizer adamw] [--layers 12] [--d-model 768] [--batch-size 2] [--seq-len 128]
-                                [--steps 18]
+                                [--steps 18] [--settings hift_keep hift_reset ...]
 
 ``--optimizer``: an ``optimizer.name`` that runs on a CPU (sgd with momentum 0.9), the same for every
 setting, full fine-tuning included.
@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=18)
     parser.add_argument("--optimizer", default="adamw", choices=_cpu_optimizers())
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="the settings to run (full fine-tuning always runs: the ratios' reference)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting in this process
     args = parser.parse_args()
     if args.one:
@@ -129,7 +131,7 @@ def main() -> None:
                                  args.optimizer)))
         return
     results = {}
-    for name in SETTINGS:
+    for name in dict.fromkeys(["full", *args.settings]):
         out = subprocess.run([sys.executable, __file__, "--one", name, "--layers", str(args.layers), "--d-model",
                               str(args.d_model), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                               "--steps", str(args.steps), "--optimizer", args.optimizer], capture_output=True, text=True,
