@@ -20,9 +20,12 @@ install_requires = [
 
 extras_require = {
     # ruff is pinned: `make test` runs it, and its rules and import sorting move between releases.
-    "test": ["pytest>=8", "pytest-timeout", "peft>=0.17,<0.19", "ruff==0.17.6"],
+    "test": ["pytest>=8", "pytest-timeout", "peft>=0.17,<0.19", "ruff==0.17.6",
+             "lion-pytorch>=0.2.5,<0.3"],
     "peft": ["peft>=0.17,<0.19"],  # model.peft: LoRA, AdaLoRA, IA3, prompt/prefix/P-tuning
-    "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.45"],  # bitsandbytes: model.peft.quantize (QLoRA's 4-bit base)
+    # bitsandbytes: optimizer.name adamw_8bit, paged_*, lion_8bit, and model.peft.quantize (QLoRA's 4-bit base)
+    "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.45"],
+    "lion": ["lion-pytorch>=0.2.5,<0.3"],  # optimizer.name: lion
 }
 
 setup(

@@ -21,7 +21,16 @@ from composer.utils import dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmhift.build.config import ConfigError, TrainConfig, device_batch_sizes, load_config
-from llmhift.build.memory import ModelShape, count_params, default_world_size, estimate_run
+from llmhift.build.memory import (
+    GiB,
+    ModelShape,
+    count_params,
+    default_world_size,
+    estimate_run,
+    parse_memory,
+    what_fits,
+)
+from llmhift.build.optimizers import check_installed
 from llmhift.build.resolve import SHAPE_FIELDS, Resolution
 from llmhift.build.trainer import (
     build_algorithms,
@@ -44,14 +53,14 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def dry_run(config: TrainConfig, world_size: int = 1) -> None:
+def dry_run(config: TrainConfig, world_size: int = 1, gpu_memory: int | None = None) -> None:
     """Validates everything that does not need data or weights, prints the resolved architecture,
     the model's size and the per-GPU memory estimate for ``world_size`` ranks.
 
     Settings are errors; what depends on this machine (data folders, tokenizer, a GPU for amp_*, the
     pretrained model) is reported as a note, since a dry run usually happens away from the cluster.
     The architecture needs only ``model.pretrained``'s config (a folder holding its config.json will
-    do), never its weights.
+    do), never its weights. ``gpu_memory`` (bytes): also print what fits in it, per the estimate.
     """
     check_optimization(config)
     check_activation_checkpointing(config)
@@ -62,7 +71,7 @@ def dry_run(config: TrainConfig, world_size: int = 1) -> None:
     resolution = resolve_model(config, missing_ok=True)
     for line in resolution.warnings:
         print(f"warning: {line}")
-    for check in (check_data, check_tokenizer, check_precision):
+    for check in (check_data, check_tokenizer, check_precision, lambda c: check_installed(c.optimizer)):
         try:
             check(config)
         except ConfigError as err:
@@ -74,6 +83,10 @@ def dry_run(config: TrainConfig, world_size: int = 1) -> None:
     try:
         shape = ModelShape.from_hf(model.config) if hf else ModelShape.from_llama(model.config)
         print("\n".join(estimate_run(config, model, shape, world_size=world_size).lines()))
+        if gpu_memory:
+            seq_len, batch, longest = what_fits(config, model, shape, world_size, gpu_memory)
+            print(f"fits in {gpu_memory / GiB:.1f} GiB per GPU (estimate, without the 1-3 GiB of CUDA context): "
+                  f"micro-batch {batch} at seq {seq_len}; seq {longest} at micro-batch 1")
     except ValueError as err:  # a model family or setting the estimate has no formula for
         print(f"note: no memory estimate: {err}")
 
@@ -145,12 +158,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "no checkpoint); max_duration: 0ba means the same")
     parser.add_argument("--world-size", type=int, default=default_world_size(), metavar="N",
                         help="ranks the dry run's memory estimate assumes (default: $WORLD_SIZE, else 1)")
+    parser.add_argument("--gpu-memory", metavar="SIZE",
+                        help="with --dry-run: the largest micro-batch and the longest sequence that fit in SIZE "
+                             "(e.g. 24GiB) per GPU, per the estimate")
     args = parser.parse_intermixed_args(argv)  # --dry-run may come anywhere among the overrides
     if args.world_size < 1:
         parser.error(f"--world-size: must be a positive number of ranks, got {args.world_size}")
+    if args.gpu_memory is not None and not args.dry_run:
+        raise ConfigError("--gpu-memory: only with --dry-run; add --dry-run")
+    gpu_memory = None if args.gpu_memory is None else parse_memory(args.gpu_memory)
     config = load_config(args.yaml, args.overrides)
     if args.dry_run:
-        dry_run(config, args.world_size)
+        dry_run(config, args.world_size, gpu_memory)
         return 0
     eval_only = args.eval_only or _zero_duration(config.max_duration)
     trainer = build_trainer(config, eval_only=eval_only)

@@ -1,6 +1,10 @@
-"""Peak memory and step time of HiFT vs full fine-tuning (AdamW) of the same model, side by side; prints JSON.
+"""Peak memory and step time of HiFT vs full fine-tuning of the same model, side by side; prints JSON.
 
-    python bench/hift_memory.py [--layers 12] [--d-model 768] [--batch-size 2] [--seq-len 128] [--steps 18]
+    python bench/hift_memory.py [--optimizer adamw] [--layers 12] [--d-model 768] [--batch-size 2] [--seq-len 128]
+                                [--steps 18] [--settings hift_keep hift_reset ...]
+
+``--optimizer``: an ``optimizer.name`` that runs on a CPU (sgd with momentum 0.9), the same for every
+setting, full fine-tuning included.
 
 Each setting runs in its own fresh process (peak RSS is a per-process high-water mark) with the same
 model, data and seed. Reported per setting:
@@ -30,12 +34,25 @@ import time
 from pathlib import Path
 
 SETTINGS = {
-    "full_adamw": None,
+    "full": None,
     "hift_keep": {"optimizer_state": "keep"},
     "hift_reset": {"optimizer_state": "reset"},
     "hift_keep_bf16_weights": {"optimizer_state": "keep", "param_dtype": "bfloat16"},
     "hift_keep_offload": {"optimizer_state": "keep", "offload_dir": "<a temporary folder>"},
 }
+
+
+def _cpu_optimizers() -> list[str]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from llmhift.build.optimizers import OPTIMIZERS
+
+    return [name for name, spec in OPTIMIZERS.items() if not spec.gpu_only]
+
+
+def _optimizer(name: str):
+    from llmhift.build.config import OptimizerConfig
+
+    return OptimizerConfig(name=name, lr=1e-4, momentum=0.9 if name == "sgd" else None)
 
 
 def _rss_mb() -> float:
@@ -47,12 +64,13 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def run_one(name: str, layers: int, d_model: int, batch_size: int, seq_len: int, steps: int) -> dict:
+def run_one(name: str, layers: int, d_model: int, batch_size: int, seq_len: int, steps: int, optimizer: str) -> dict:
     import torch
     from composer import Callback, Trainer
     from torch.utils.data import DataLoader
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from llmhift.build.optimizers import make_optimizer
     from llmhift.callbacks.hift import HiFTCallback
     from llmhift.models.llama import ComposerLlama
 
@@ -86,12 +104,12 @@ def run_one(name: str, layers: int, d_model: int, batch_size: int, seq_len: int,
     measure = Measure()
     callbacks = [measure] if hift is None else [hift, measure]
     trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=batch_size),
-                      optimizers=torch.optim.AdamW(model.parameters(), lr=1e-4), max_duration=f"{steps}ba",
+                      optimizers=make_optimizer(_optimizer(optimizer), model.parameters()), max_duration=f"{steps}ba",
                       device="cpu", precision="fp32", callbacks=callbacks, progress_bar=False, log_to_console=False)
     trainer.fit()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     warm = measure.times[layers + 3:] or measure.times
-    return {"peak_rss_mb": round(peak - baseline, 1), "peak_optimizer_state_mb": round(measure.state_bytes / 2**20, 1),
+    return {"peak_rss_mb": round(peak - baseline, 1), "peak_optimizer_state_mb": round(measure.state_bytes / 2**20, 3),
             "peak_model_state_mb": round(measure.model_state_bytes / 2**20, 1),
             "step_s": round(statistics.median(warm), 4), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
 
@@ -103,27 +121,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=18)
+    parser.add_argument("--optimizer", default="adamw", choices=_cpu_optimizers())
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="the settings to run (full fine-tuning always runs: the ratios' reference)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.layers, args.d_model, args.batch_size, args.seq_len, args.steps)))
+        print(json.dumps(run_one(args.one, args.layers, args.d_model, args.batch_size, args.seq_len, args.steps,
+                                 args.optimizer)))
         return
     results = {}
-    for name in SETTINGS:
+    for name in dict.fromkeys(["full", *args.settings]):
         out = subprocess.run([sys.executable, __file__, "--one", name, "--layers", str(args.layers), "--d-model",
                               str(args.d_model), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                              "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+                              "--steps", str(args.steps), "--optimizer", args.optimizer], capture_output=True, text=True,
+                             check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    full = results["full_adamw"]
+    full = results["full"]
     ratios = {name: {"peak_rss": round(r["peak_rss_mb"] / full["peak_rss_mb"], 3),
                      "peak_optimizer_state": round(r["peak_optimizer_state_mb"] / full["peak_optimizer_state_mb"], 3),
                      "peak_model_state": round(r["peak_model_state_mb"] / full["peak_model_state_mb"], 3),
                      "step_time": round(r["step_s"] / full["step_s"], 3)}
-              for name, r in results.items() if name != "full_adamw"}
+              for name, r in results.items() if name != "full"}
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(json.dumps({"device": device, "layers": args.layers, "d_model": args.d_model, "batch_size": args.batch_size,
+    print(json.dumps({"device": device, "optimizer": args.optimizer, "layers": args.layers, "d_model": args.d_model, "batch_size": args.batch_size,
                       "seq_len": args.seq_len, "results": results,
                       "ratio_vs_full": ratios}, indent=2))
 

@@ -78,7 +78,7 @@ BAD_CONFIGS = [
     (["callbacks.speed_monitor.window=3"], "callbacks.speed_monitor"),
     (["model.n_head=4"], "n_head"),
     (["model.vocab_size=100"], "model.vocab_size"),
-    (["optimizer.name=lion"], "optimizer.name"),
+    (["optimizer.name=adam"], "optimizer.name"),
     (["run_name=null", "autoresume=true"], "autoresume"),
     (["eval_loader.dataset.domains=[code]"], "eval_loader.dataset.domains"),
     (["model.name=mamba"], "model.name"),

@@ -87,6 +87,8 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0
+    momentum: Optional[float] = None  # sgd only (null: 0, plain SGD; llmhift.build.optimizers)
+    nesterov: bool = False  # sgd only, with a positive momentum
 
 
 @dataclass

@@ -10,8 +10,11 @@ Where the bytes go (per GPU, W ranks):
   an fp32 master copy of the active group only. ``amp_bf16`` keeps fp32 weights: autocast computes
   in bf16 from them (its bf16 copies are saved for backward, so they count under activations).
 * gradients: one fp32 gradient per trained parameter (FSDP's sharded gradient is fp32 too).
-* optimizer: AdamW and DecoupledAdamW keep two fp32 moments per trained parameter and one fp32
-  step counter per parameter tensor.
+* optimizer: per trained parameter tensor, what its optimizer keeps
+  (:func:`llmhift.build.optimizers.optimizer_state_bytes`): AdamW two fp32 moments and a step, SGD
+  with momentum one buffer (plain SGD nothing), Adagrad one sum and a step, Lion one moment,
+  Adafactor a value per row and per column of each matrix, bitsandbytes' 8-bit ones a byte per value
+  and moment plus an fp32 absmax per 256 values.
 * FSDP2 (train.py's default, :func:`llmhift.build.parallel.fsdp_version`) divides weights, gradients and
   optimizer state by W whatever the ``sharding_strategy``: ``SHARD_GRAD_OP`` (``reshard_after_forward:
   false``) only keeps each block's gathered weights from forward to backward (more ``working``).
@@ -36,14 +39,18 @@ communication buckets, and eval (which saves no activations).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Collection, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 from torch import nn
 
+from llmhift.build.config import ConfigError
+from llmhift.build.optimizers import optimizer_state_bytes
 from llmhift.build.parallel import RESHARD_AFTER_FORWARD, fsdp_version, parallelism_config
 from llmhift.build.trainer import TEACHER_KEY, build_callbacks, build_teacher
 from llmhift.callbacks.distillation import DistillationCallback
@@ -58,20 +65,19 @@ __all__ = [
     "Masking",
     "Activations",
     "MemoryEstimate",
-    "OPTIMIZER_MOMENTS",
     "FSDP1_STRATEGIES",
     "Sharding",
     "activation_bytes",
     "state_bytes",
     "estimate_run",
     "default_world_size",
+    "parse_memory",
+    "what_fits",
     "count_params",
 ]
 
 GiB = 2**30
 FP32, HALF, INDEX = 4, 2, 8  # bytes of an fp32 value, a bf16/fp16 value, an int64 index
-# Optimizer -> fp32 state tensors of a parameter's size (both AdamW flavours: exp_avg, exp_avg_sq).
-OPTIMIZER_MOMENTS = {"decoupled_adamw": 2, "adamw": 2}
 FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")  # FSDP2's are llmhift.build.trainer'
 
 
@@ -337,24 +343,20 @@ class Sharding:
         return f"FSDP{self.version} {self.strategy}"
 
 
-def state_bytes(params: int, tensors: int, trained_params: int, trained_tensors: int, *, optimizer: str,
-                weight: int = FP32, master_params: int = 0, weight_ranks: int = 1,
-                state_ranks: int = 1) -> dict[str, int]:
+def state_bytes(params: int, trained_params: int, *, optimizer: int, weight: int = FP32, master_params: int = 0,
+                weight_ranks: int = 1, state_ranks: int = 1) -> dict[str, int]:
     """Bytes of weights, gradients and optimizer state per GPU.
 
-    ``params``/``tensors``: every parameter (elements / tensors), stored in ``weight`` bytes each;
-    ``trained_*``: those with gradients and optimizer state on the GPU at once (all of them, or the
-    largest HiFT group); ``master_params``: fp32 master copies (HiFT with ``param_dtype``);
+    ``params``: every parameter's elements, stored in ``weight`` bytes each; ``trained_params``: those
+    with gradients and optimizer state on the GPU at once (all of them, or the largest HiFT group);
+    ``optimizer``: the bytes of their optimizer state, unsharded; ``master_params``: fp32 master copies (HiFT with ``param_dtype``);
     ``weight_ranks``/``state_ranks``: the ranks FSDP splits the weights / the gradients and optimizer
     state over (:class:`Sharding`).
     """
-    if optimizer not in OPTIMIZER_MOMENTS:
-        raise ValueError(f"optimizer.name: no memory model for {optimizer!r}; known: {sorted(OPTIMIZER_MOMENTS)}")
-    moments = OPTIMIZER_MOMENTS[optimizer]
     return {
         "weights": math.ceil((params * weight + master_params * FP32) / weight_ranks),
         "gradients": math.ceil(trained_params * FP32 / state_ranks),
-        "optimizer": math.ceil((trained_params * moments * FP32 + trained_tensors * FP32) / state_ranks),
+        "optimizer": math.ceil(optimizer / state_ranks),
     }
 
 
@@ -413,12 +415,14 @@ def _blocks(model: nn.Module) -> list[int]:
             if unit.startswith("block.")]
 
 
-def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: int) -> MemoryEstimate:
+def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: int,
+                 micro_batch: Optional[int] = None, seq_len: Optional[int] = None) -> MemoryEstimate:
     """The estimate for a TrainConfig and its model, built on the meta device (only counts are read).
 
     ``model`` is what the optimizer trains: ComposerLlama with its L0 module, or the Hugging Face
     model that ComposerHFCausalLM wraps; ``shape`` its dimensions (the activation formula is
-    ComposerLlama's; Hugging Face LLaMA-family models save the same tensors). Raises ValueError for
+    ComposerLlama's; Hugging Face LLaMA-family models save the same tensors). ``micro_batch`` and
+    ``seq_len`` replace the yaml's (:func:`what_fits` searches over them). Raises ValueError for
     settings it has no model for or the run would refuse.
     """
     optimizer = config.optimizer.name
@@ -433,7 +437,8 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
         computed = HALF  # Composer's FSDP gathers the weights in the autocast dtype
     micro = config.device_train_microbatch_size
     micro = config.global_train_batch_size // world_size if micro in (None, "auto") else micro  # auto: at most that
-    seq_len = config.train_loader.dataset.max_seq_len or config.model.get("max_seq_len")
+    micro = micro_batch or micro
+    seq_len = seq_len or config.train_loader.dataset.max_seq_len or config.model.get("max_seq_len")
     if not seq_len:
         raise ValueError("train_loader.dataset.max_seq_len: needed for the activation estimate")
     checkpointing = bool(config.model.get("activation_checkpointing") or fsdp.get("activation_checkpointing"))
@@ -456,13 +461,13 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
         master = _numel(trained) if stored == HALF else 0
         acts = max((activation_bytes(shape, micro, seq_len, trained_units=units, **kwargs) for _, units in groups),
                    key=lambda a: a.saved + a.recompute)
-    state = state_bytes(_numel(params), len(params), _numel(trained), len(trained), optimizer=optimizer,
-                        weight=stored, master_params=master, weight_ranks=weight_ranks, state_ranks=state_ranks)
+    moments = optimizer_state_bytes(config.optimizer, [p.shape for p in trained])
+    state = state_bytes(_numel(params), _numel(trained), optimizer=moments, weight=stored, master_params=master, weight_ranks=weight_ranks, state_ranks=state_ranks)
     gathered = _gathered_bytes(sharding, _blocks(model), computed, _numel(params)) if sharding else 0
     # The loss backward's buffers are freed before the first block is rebuilt: the larger one counts.
     working = gathered + max(acts.recompute, acts.logits_grad)
     # parked HiFT state, sharded like its parameters under FSDP2
-    host = math.ceil((_numel(others) * OPTIMIZER_MOMENTS[optimizer] * FP32 + len(others) * FP32) / state_ranks)
+    host = math.ceil(optimizer_state_bytes(config.optimizer, [p.shape for p in others]) / state_ranks)
     distill = next((c for c in build_callbacks(config) if isinstance(c, DistillationCallback)), None)
     teacher = None if distill is None else _teacher_bytes(config, distill, sharding, micro * seq_len,
                                                           shape.vocab_size, amp, computed)
@@ -483,7 +488,7 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
                     + f", {'bf16' if stored == HALF else 'fp32'}" + (split if weight_ranks > 1 else "")
                     + (f", + fp32 master of {master:,}" if master else "")),
         "gradients": f"fp32, {scope} parameters{split}",
-        "optimizer": f"{OPTIMIZER_MOMENTS[optimizer]} fp32 moments + a step per tensor, {scope} parameters{split}",
+        "optimizer": f"{optimizer}'s state, {scope} parameters{split}",
         "activations": (f"saved for backward, {'bf16' if computed == HALF or amp else 'fp32'} compute"
                         f"{', masked weights' if masking else ''}{', HiFT worst group' if hift is not None else ''}"
                         ", and the logits"),
@@ -537,3 +542,54 @@ def _gathered_bytes(sharding: Sharding, blocks: Sequence[int], computed: int, n_
     # the root unit, the block computing and the next one prefetched; the gradients of the root unit
     # and of one block
     return (outer + 2 * block) * computed + (outer + block) * computed
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(text: str, key: str = "--gpu-memory") -> int:
+    """Bytes of a size such as ``24GiB``, ``80GB`` or ``49140MiB``; a ConfigError naming ``key`` otherwise."""
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number):].upper()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key}: {text!r} is not a memory size; give a positive number with a unit, e.g. 24GiB "
+                          "or 80GB (units: " + ", ".join(k.replace("I", "i") for k in _UNITS) + ")")
+    return int(value * _UNITS[unit])
+
+
+FITS_CAP = 2**20  # the search stops here: a micro-batch or a sequence this long is not a real setting
+
+
+def _largest(fits: Callable[[int], bool]) -> int:
+    """The largest n >= 1 with ``fits(n)`` (monotone: true up to some n), 0 when even 1 does not fit;
+    ``FITS_CAP`` when everything up to it fits."""
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= FITS_CAP and fits(high):
+        low, high = high, high * 2
+    if high > FITS_CAP:
+        return FITS_CAP
+    while high - low > 1:  # fits(low), not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def what_fits(config: Any, model: nn.Module, shape: ModelShape, world_size: int,
+              gpu_bytes: int) -> tuple[int, int, int]:
+    """(seq_len, largest micro-batch at the yaml's seq_len, longest sequence at micro-batch 1) whose
+    estimated total (:func:`estimate_run`) is at most ``gpu_bytes``; 0 where nothing fits, ``FITS_CAP``
+    where the search stopped. Estimates only: the CUDA context and fragmentation are not counted."""
+    def total(micro: int, seq: Optional[int] = None) -> int:
+        with contextlib.redirect_stdout(io.StringIO()):  # the dry run printed the estimate's notes once already
+            return estimate_run(config, model, shape, world_size, micro_batch=micro, seq_len=seq).total
+    seq_len = config.train_loader.dataset.max_seq_len or config.model.get("max_seq_len")
+    batch = _largest(lambda m: total(m) <= gpu_bytes)
+    longest = _largest(lambda t: total(1, t) <= gpu_bytes)
+    return seq_len, batch, longest

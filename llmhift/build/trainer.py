@@ -23,7 +23,6 @@ from composer.optim import (
     ComposerScheduler,
     ConstantWithWarmupScheduler,
     CosineAnnealingWithWarmupScheduler,
-    DecoupledAdamW,
     LinearWithWarmupScheduler,
 )
 from composer.utils import dist, reproducibility
@@ -32,6 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmhift.atomic import atomic_file
 from llmhift.build.config import ConfigError, LoaderConfig, TrainConfig, device_batch_sizes
+from llmhift.build.optimizers import OPTIMIZERS as OPTIMIZER_SPECS
+from llmhift.build.optimizers import check_optimizer, make_optimizer
 from llmhift.build.parallel import average_gloo_fsdp2_gradients, on_gpu, parallelism_config
 from llmhift.build.resolve import (
     Resolution,
@@ -141,7 +142,7 @@ LOGGERS: dict[str, Callable[..., LoggerDestination]] = {
     "jsonl": JsonlLogger,  # every metric to a JSON-lines file, read by `python -m llmhift.report`
 }
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {"gradient_clipping": GradientClipping}
-OPTIMIZERS = ("decoupled_adamw", "adamw")
+OPTIMIZERS = tuple(OPTIMIZER_SPECS)
 SCHEDULERS = ("cosine_with_warmup", "constant_with_warmup", "linear_decay_with_warmup")
 MODELS = ("llama", "hf_causal_lm")
 
@@ -476,13 +477,8 @@ def build_optimizer(config: TrainConfig, model: ComposerModel) -> torch.optim.Op
     opt = config.optimizer
     params: list[Any] = [p for p in model.parameters() if p.requires_grad]
     if isinstance(getattr(model, "mask_source", None), L0Module):
-        params = pruning_param_groups(model, opt.lag_lr)
-    kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
-    if opt.name == "decoupled_adamw":
-        return DecoupledAdamW(params, **kwargs)
-    if opt.name == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    raise ConfigError(f"optimizer.name: {opt.name!r} is not one of {OPTIMIZERS}")
+        return make_optimizer(opt, pruning_param_groups(model, opt.lag_lr), pruning=True)
+    return make_optimizer(opt, params)
 
 
 def build_scheduler(config: TrainConfig) -> ComposerScheduler:
@@ -496,10 +492,10 @@ def build_scheduler(config: TrainConfig) -> ComposerScheduler:
     raise ConfigError(f"scheduler.name: {sched.name!r} is not one of {SCHEDULERS}")
 
 
-def check_optimization(config: TrainConfig) -> None:
-    """Optimizer and scheduler names, checked before the model is built rather than after."""
-    if config.optimizer.name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer.name: {config.optimizer.name!r} is not one of {OPTIMIZERS}")
+def check_optimization(config: TrainConfig, gpu: bool | None = None) -> None:
+    """Optimizer (:func:`~llmhift.build.optimizers.check_optimizer`; ``gpu``: whether the run has one,
+    None in a dry run) and scheduler, checked before the model is built rather than after."""
+    check_optimizer(config.optimizer, pruning=bool(config.model.get("l0_module")), on_gpu=gpu)
     if config.scheduler.name not in SCHEDULERS:
         raise ConfigError(f"scheduler.name: {config.scheduler.name!r} is not one of {SCHEDULERS}")
 
@@ -711,7 +707,7 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     Runs in seconds, so a typo fails before anything heavy starts."""
     check_precision(config)
     check_activation_checkpointing(config)
-    check_optimization(config)
+    check_optimization(config, on_gpu())
     check_peft(config)
     _report(resolve_model(config))
     if config.model["name"] == "llama":

@@ -11,6 +11,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import empty as dtensor_empty
 
 from llmhift.atomic import NoSpaceError, is_no_space
 from llmhift.checkpoint.io import callback_state_key, callback_state_tree, is_sharded_checkpoint
@@ -24,16 +25,24 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _held(value: Any) -> bool:
+    """Whether a state entry is memory worth moving: any tensor with a dimension, whatever its shape
+    (Adam's and Lion's moments, SGD's momentum buffer, Adafactor's factored row and column statistics,
+    bitsandbytes' 8-bit moments, block absmax and quantization maps). Zero-dimensional ones (a step
+    counter) and plain objects stay where the optimizer put them."""
+    return torch.is_tensor(value) and value.dim() > 0
+
+
 def to_host(tensors: dict[str, Any], p: torch.Tensor, stream: Optional[torch.cuda.Stream]) -> dict[str, Any]:
-    """Parameter-shaped state (Adam's moments) moves to the host on ``stream``; scalars such as ``step``
-    stay where they are. A DTensor moves its local shard and stays a DTensor. Without a stream (CPU
-    runs) "parked" and "active" share one memory: nothing moves."""
+    """Every state tensor (:func:`_held`) moves to the host on ``stream``. A DTensor moves its local
+    shard and stays a DTensor. Without a stream (CPU runs) "parked" and "active" share one memory:
+    nothing moves."""
     if stream is None or p.device.type != "cuda":
         return tensors
     host = {}
     with torch.cuda.stream(stream):
         for key, value in tensors.items():
-            if torch.is_tensor(value) and value.shape == p.shape and value.is_cuda:
+            if _held(value) and value.is_cuda:
                 moved = value.to("cpu", non_blocking=True)  # non-blocking to the host: pinned memory
                 _local(value).record_stream(stream)  # freed only once the copy has run
                 value = moved
@@ -50,7 +59,7 @@ def to_device(tensors: Optional[dict[str, Any]], p: torch.Tensor,
     restored = {}
     with torch.cuda.stream(stream):
         for key, value in tensors.items():
-            if torch.is_tensor(value) and value.shape == p.shape and not value.is_cuda:
+            if _held(value) and not value.is_cuda:
                 value = value.to(p.device, non_blocking=True)
                 _local(value).record_stream(torch.cuda.current_stream(p.device))
             restored[key] = value
@@ -99,6 +108,11 @@ def read_sharded(folder: Optional[str], owner: str, field: str, keys: list[list[
             value = None  # a plain object: DCP replaces it
         elif isinstance(p, DTensor) and tuple(meta.size) == tuple(p.shape):
             value = torch.empty_like(p, dtype=meta.properties.dtype)  # sharded like its parameter
+        elif isinstance(p, DTensor) and len(meta.size) == p.dim():
+            # state derived from a sharded gradient (Adafactor's row/column statistics: grad.new_zeros)
+            # is a DTensor on the parameter's mesh and placements
+            value = dtensor_empty(tuple(meta.size), dtype=meta.properties.dtype, device_mesh=p.device_mesh,
+                                  placements=p.placements)
         else:
             value = torch.empty(meta.size, dtype=meta.properties.dtype)
         template.setdefault(name, {})[key] = value
