@@ -1,6 +1,7 @@
 """Peak memory and step time of HiFT vs full fine-tuning (AdamW) of the same model, side by side; prints JSON.
 
     python bench/hift_memory.py [--layers 12] [--d-model 768] [--batch-size 2] [--seq-len 128] [--steps 18]
+    python bench/hift_memory.py --peers [bench/hift_peers.py's flags]   # llmhift vs BAdam instead
 
 Each setting runs in its own fresh process (peak RSS is a per-process high-water mark) with the same
 model, data and seed. Reported per setting:
@@ -97,6 +98,9 @@ def run_one(name: str, layers: int, d_model: int, batch_size: int, seq_len: int,
 
 
 def main() -> None:
+    if "--peers" in sys.argv[1:]:  # the peer arms (BAdam) live in bench/hift_peers.py, with its own flags
+        argv = [a for a in sys.argv[1:] if a != "--peers"]
+        raise SystemExit(subprocess.call([sys.executable, str(Path(__file__).with_name("hift_peers.py")), *argv]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--d-model", type=int, default=768)

@@ -1,5 +1,5 @@
-"""bench/hift_peers.py offline, as CI runs it: a missing peer is skipped with a message naming the
-command that installs it, and llmhift's arms still run and report their per-step breakdown."""
+"""`bench/hift_memory.py --peers` (bench/hift_peers.py) offline, as CI runs it: a missing peer is
+skipped with a message naming the command that installs it, and llmhift's arms still run and report their per-step breakdown."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.helpers import REPO_ROOT
 
 @pytest.mark.slow  # three processes
 def test_peers_absent_offline_are_skipped_and_llmhift_arms_still_measured(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "hift_peers.py"), "--tiny", "--offline",
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "hift_memory.py"), "--peers", "--tiny", "--offline",
                           f"--peers-dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     install = f"pip install --target {tmp_path} --no-deps badam==1.4"
