@@ -6,8 +6,8 @@
 The peer is installed on demand into ``--peers-dir`` (default ``~/.cache/llmhift-bench/peers``) with
 ``pip install --target DIR --no-deps badam==1.4``: never a dependency of llmhift, never in the venv.
 With ``--offline`` nothing is installed and a missing peer is skipped with a message naming the
-command that installs it. The HiFT authors' own package is not an arm: its switching is written
-for its own trainer loop (see README, Benchmarks).
+command that installs it. The HiFT authors' own package (PyPI ``HiFT``) is not an arm yet: its
+layer switching ships inside its own trainer classes, which this script does not drive.
 
 Arms, each run in its own fresh process, interleaved (every arm once per round) for ``--repeats``
 rounds, medians reported:
