@@ -2,6 +2,7 @@
 
     python bench/hift_memory.py [--optimizer adamw] [--layers 12] [--d-model 768] [--batch-size 2] [--seq-len 128]
                                 [--steps 18] [--settings hift_keep hift_reset ...]
+    python bench/hift_memory.py --peers [bench/hift_peers.py's flags]   # llmhift vs BAdam instead
 
 ``--optimizer``: an ``optimizer.name`` that runs on a CPU (sgd with momentum 0.9), the same for every
 setting, full fine-tuning included.
@@ -115,6 +116,9 @@ def run_one(name: str, layers: int, d_model: int, batch_size: int, seq_len: int,
 
 
 def main() -> None:
+    if "--peers" in sys.argv[1:]:  # the peer arms (BAdam) live in bench/hift_peers.py, with its own flags
+        argv = [a for a in sys.argv[1:] if a != "--peers"]
+        raise SystemExit(subprocess.call([sys.executable, str(Path(__file__).with_name("hift_peers.py")), *argv]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--d-model", type=int, default=768)

@@ -333,3 +333,54 @@ def test_offloaded_state_parks_on_disk_and_trains_identically(tmp_path):
     assert set(parked) == {n for unit, names in hift.units[2:] for n in names}
     restored = torch.load(next(iter(parked.values())), weights_only=True)
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(restored)
+
+
+# --- switch_every: K optimizer steps per group (BAdam's block schedule) ------------------------------
+
+
+def test_switch_every_is_a_pure_function_of_the_step():
+    # C = 3 groups, K = 2: a cycle is 6 steps, each group 2 consecutive steps
+    assert [cycle_of(step, 3, switch_every=2) for step in range(8)] == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert [group_at(step, 3, "down2up", seed=0, switch_every=2) for step in range(8)] == [0, 0, 1, 1, 2, 2, 0, 0]
+    # random: cycle c's permutation (seed + c), each entry held K steps
+    orders = [torch.randperm(3, generator=torch.Generator().manual_seed(5 + c)).tolist() for c in (0, 1)]
+    expected = [g for order in orders for g in order for _ in range(2)]
+    assert [group_at(step, 3, "random", seed=5, switch_every=2) for step in range(12)] == expected
+
+
+def test_switch_every_holds_a_group_k_optimizer_steps_under_accumulation_and_the_rate_per_cycle():
+    # groups [embedding, block.0], [block.1, norm], [head]; K = 2: a cycle is 6 steps, 12 steps are 2 cycles.
+    # Two micro-batches per step: a switch per micro-batch would show two groups changing in one step.
+    record = run(HiFTCallback(group_element=2, switch_every=2), max_duration="12ba", microbatch=4)
+    groups = [["embedding", "block.0"], ["block.1", "norm"], ["head"]]
+    assert record.changed == [g for g in groups for _ in range(2)] * 2
+    # one rate per cycle: the linear schedule (to 0 at batch 12) at batch 0, then at batch 6
+    assert record.lrs == pytest.approx([LR] * 6 + [LR * 0.5] * 6, rel=1e-12)
+
+
+class RecordAdamSteps(Callback):
+    """Adam's step count of the head's weight before each optimizer step in which the head trains."""
+
+    def __init__(self, hift: HiFTCallback) -> None:
+        self.hift, self.counts = hift, []
+
+    def after_train_batch(self, state, logger) -> None:
+        head = dict(state.model.named_parameters())[self.hift.units[-1][1][0]]
+        if head.requires_grad:
+            s = state.optimizers[0].state.get(head, {})
+            self.counts.append(int(s["step"]) if "step" in s else 0)
+
+
+@pytest.mark.parametrize("mode, expected", [("reset", [0, 1, 2, 0, 1, 2]), ("keep", [0, 1, 2, 3, 4, 5])])
+def test_reset_with_switch_every_keeps_the_state_within_a_block_and_drops_it_at_the_switch(mode, expected):
+    # BAdam: C = 2 groups ([embedding .. norm], [head]), K = 3; the head trains at steps 3-5 and 9-11
+    hift = HiFTCallback(group_element=4, switch_every=3, optimizer_state=mode)
+    record = RecordAdamSteps(hift)
+    make_trainer(hift, [record], max_duration="12ba").fit()
+    assert record.counts == expected
+
+
+def test_switch_every_refusal_names_the_key():
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="^switch_every: must be a positive int"):
+            HiFTCallback(switch_every=bad)

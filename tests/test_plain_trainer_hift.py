@@ -109,6 +109,33 @@ def test_resume_mid_cycle_ends_with_the_uninterrupted_weights(data, tmp_path):
         assert torch.equal(p, expected[name]), name
 
 
+def test_switch_every_trains_each_group_k_steps_with_lisa_units_every_step(data):
+    # LISA's always-active embedding and head, the blocks and the norm cycled two steps each (K = 2)
+    hift = HiFTCallback(switch_every=2, always_active=[0, -1])
+    changes = ChangedUnits(hift)
+    make_trainer(hift, data, [changes], max_duration="7ba").fit()
+    assert changes.changed == [["embedding", "block.0", "head"]] * 2 + [["embedding", "block.1", "head"]] * 2 + [
+        ["embedding", "norm", "head"]] * 2 + [["embedding", "block.0", "head"]]
+
+
+@pytest.mark.parametrize("mode", ["keep", "reset"])
+def test_resume_mid_block_ends_with_the_uninterrupted_weights(data, tmp_path, mode):
+    def hift() -> HiFTCallback:  # 3 groups x K = 3 steps: batch 4 is the second step of the second block
+        return HiFTCallback(group_element=2, switch_every=3, strategy="random", seed=3, optimizer_state=mode)
+
+    full = make_trainer(hift(), data, max_duration="8ba")
+    full.fit()
+    folder = dict(save_folder=str(tmp_path / "ck"), save_interval="2ba", autoresume=True, max_duration="8ba")
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(hift(), data, [CrashAt(4)], **folder).fit()
+    resumed = make_trainer(hift(), data, **folder)
+    assert int(resumed.state.timestamp.batch) == 4
+    resumed.fit()
+    expected = dict(full.state.model.named_parameters())
+    for name, p in resumed.state.model.named_parameters():
+        assert torch.equal(p, expected[name]), name
+
+
 def test_refusals_are_one_line_naming_the_fix(data):
     def refusal(run) -> str:
         with pytest.raises(ValueError) as caught:

@@ -47,14 +47,17 @@ class HiFTCallback(Callback):
     Units are found from the module structure (:func:`~llmhift.callbacks.hift.schedule.find_units`): the
     input embedding, each block, the final norm, the LM head; only parameters that require grad when the
     Trainer is built count (a ``peft`` model cycles over its adapters). Consecutive units form groups of
-    ``group_element``; a cycle visits each of the C groups once, switching at ``BATCH_START`` so that
-    every micro-batch of a step trains the same group. Every step of cycle k uses the learning rate the
-    Trainer's schedule gives at batch ``k * C``: the schedule keeps meaning ``max_duration`` (not
-    stretched C times). Inactive groups' optimizer state moves to (pinned) CPU memory and back; on CUDA
+    ``group_element``; a cycle visits each of the C groups once, for ``switch_every`` (K) consecutive
+    optimizer steps each (C x K steps), switching at ``BATCH_START`` so that every micro-batch of a step
+    trains the same group. Every step of cycle k uses the learning rate the Trainer's schedule gives at
+    batch ``k * C * K``, the cycle's first: the schedule keeps meaning ``max_duration`` (not stretched
+    C x K times). Inactive groups' optimizer state moves to (pinned) CPU memory and back; on CUDA
     the next group's copy runs on a side stream while the current step computes.
 
     Args:
         group_element (int): units per group. Default: ``1``.
+        switch_every (int): optimizer steps each group trains before the next one takes over: ``1`` is
+            HiFT; with ``optimizer_state='reset'`` and ``50`` it is BAdam's block schedule. Default: ``1``.
         strategy (str): ``down2up`` (embedding first), ``up2down``, or ``random`` (a new seeded
             permutation of the groups every cycle). Default: ``'down2up'``.
         freeze_layers (Sequence[int]): unit indices never trained (negative counts from the head).
@@ -104,6 +107,7 @@ class HiFTCallback(Callback):
     def __init__(
         self,
         group_element: int = 1,
+        switch_every: int = 1,
         strategy: str = "down2up",
         freeze_layers: Sequence[int] = (),
         always_active: Sequence[int] = (),
@@ -114,6 +118,8 @@ class HiFTCallback(Callback):
     ) -> None:
         if not isinstance(group_element, int) or group_element < 1:
             raise ValueError(f"group_element: must be a positive int, got {group_element!r}")
+        if not isinstance(switch_every, int) or isinstance(switch_every, bool) or switch_every < 1:
+            raise ValueError(f"switch_every: must be a positive int (optimizer steps per group), got {switch_every!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
         if optimizer_state not in STATE_MODES:
@@ -121,6 +127,7 @@ class HiFTCallback(Callback):
         if param_dtype is not None and param_dtype not in PARAM_DTYPES:
             raise ValueError(f"param_dtype: {param_dtype!r} is not one of {sorted(PARAM_DTYPES)} (or null)")
         self.group_element, self.strategy, self.seed = group_element, strategy, seed
+        self.switch_every = switch_every
         self.freeze_layers, self.always_active = list(freeze_layers), list(always_active)
         self.optimizer_state, self.param_dtype = optimizer_state, param_dtype
         self.offload_dir = None if offload_dir is None else Path(offload_dir)
@@ -154,7 +161,11 @@ class HiFTCallback(Callback):
         return self._plan.groups
 
     def group_at(self, step: int) -> int:
-        return group_at(step, len(self.groups), self.strategy, self.seed)
+        return group_at(step, len(self.groups), self.strategy, self.seed, self.switch_every)
+
+    def cycle_of(self, step: int) -> int:
+        """The cycle optimizer step ``step`` belongs to (C groups x ``switch_every`` steps each)."""
+        return cycle_of(step, len(self.groups), self.switch_every)
 
     def units_trained_with(self, group: int) -> list[int]:
         """Unit indices trained while ``group`` is active: the group and ``always_active`` (after INIT)."""
@@ -257,7 +268,7 @@ class HiFTCallback(Callback):
         self._prefetch(self._names(self.group_at(step + 1)) - self._active)
         logger.log_metrics({
             ACTIVE_GROUP_KEY: self.group_at(step),
-            "hift/cycle": cycle_of(step, len(self.groups)),
+            "hift/cycle": self.cycle_of(step),
             "hift/lr": state.optimizers[0].param_groups[0]["lr"],
         })
 
@@ -342,7 +353,7 @@ class HiFTCallback(Callback):
                 self._prefetched[name] = to_device(unpark(self._parked[name]), self._params[name], self._stream)
 
     def _hold_lr(self, state: State, step: int) -> None:
-        start = cycle_of(step, len(self.groups)) * len(self.groups)  # the cycle's first step
+        start = self.cycle_of(step) * len(self.groups) * self.switch_every  # the cycle's first step
         now = state.timestamp
         batches = max(int(now.batch), 1)
         # Composer's schedulers read state.timestamp; show them the cycle's first batch for a moment.
@@ -371,6 +382,7 @@ class HiFTCallback(Callback):
             "groups": self.groups,
             "strategy": self.strategy,
             "seed": self.seed,
+            "switch_every": self.switch_every,
             PARKED_FIELD: optimizer_state,
             # Composer loads a sharded checkpoint into the tensors of this very dict as a fresh run builds
             # it, which holds none yet; this list (one entry, read whole) says what after_load must read.
@@ -380,10 +392,11 @@ class HiFTCallback(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         here = {"units": [name for name, _ in self.units], "groups": self.groups, "strategy": self.strategy,
-                "seed": self.seed}
+                "seed": self.seed, "switch_every": self.switch_every}
+        saved = {"switch_every": 1, **state}  # checkpoints older than switch_every switched every step
         for key, value in here.items():
-            if state[key] != value:
-                raise ValueError(f"callbacks.hift.{key}: the checkpoint has {state[key]!r}, this run {value!r}")
+            if saved[key] != value:
+                raise ValueError(f"callbacks.hift.{key}: the checkpoint has {saved[key]!r}, this run {value!r}")
         self._parked = {name: dict(s) for name, s in state[PARKED_FIELD].items()}
         self._loaded_keys = state.get("optimizer_state_keys", [])  # absent from checkpoints older than it
         self._master = {name: m.to(self._params[name].device) for name, m in state["master"].items()}

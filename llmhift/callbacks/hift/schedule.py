@@ -111,12 +111,14 @@ def cycle_order(n_groups: int, strategy: str, seed: int, cycle: int) -> list[int
     raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
 
 
-def cycle_of(step: int, n_groups: int) -> int:
-    """The cycle optimizer step ``step`` (0-based) belongs to: a cycle is one step per group."""
-    return step // n_groups
+def cycle_of(step: int, n_groups: int, switch_every: int = 1) -> int:
+    """The cycle optimizer step ``step`` (0-based) belongs to: a cycle is ``switch_every`` steps per
+    group, each of its ``n_groups`` groups in turn (``n_groups * switch_every`` steps)."""
+    return step // (n_groups * switch_every)
 
 
-def group_at(step: int, n_groups: int, strategy: str, seed: int) -> int:
-    """The group trained at optimizer step ``step`` (0-based): every cycle visits each group once."""
-    cycle = cycle_of(step, n_groups)
-    return cycle_order(n_groups, strategy, seed, cycle)[step - cycle * n_groups]
+def group_at(step: int, n_groups: int, strategy: str, seed: int, switch_every: int = 1) -> int:
+    """The group trained at optimizer step ``step`` (0-based): every cycle visits each group once, for
+    ``switch_every`` consecutive steps (BAdam's block schedule when above 1)."""
+    cycle = cycle_of(step, n_groups, switch_every)
+    return cycle_order(n_groups, strategy, seed, cycle)[(step - cycle * n_groups * switch_every) // switch_every]
