@@ -6,8 +6,12 @@
 The peer is installed on demand into ``--peers-dir`` (default ``~/.cache/llmhift-bench/peers``) with
 ``pip install --target DIR --no-deps badam==1.4``: never a dependency of llmhift, never in the venv.
 With ``--offline`` nothing is installed and a missing peer is skipped with a message naming the
-command that installs it. The HiFT authors' own package (PyPI ``HiFT``) is not an arm yet: its
-layer switching ships inside its own trainer classes, which this script does not drive.
+command that installs it. The HiFT authors' own package (PyPI ``HiFT`` 0.0.5) cannot be an arm on the
+pinned stack: its layer switching lives in ``hift.trainer.HiFTrainer`` (``update_parameter_state``),
+and that module does not import here: it needs ``deepspeed`` (not in the stack) and two names that
+transformers 4.57 no longer has (``is_torch_tpu_available``, ``pytorch_utils.is_torch_less_than_1_11``).
+Only its grouping (``hift.registerCallBack``) would import, and a loop that re-implements the switch
+around it would measure this script's code, not the peer's.
 
 Arms, each run in its own fresh process, interleaved (every arm once per round) for ``--repeats``
 rounds, medians reported:
