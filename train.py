@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmhift.build.config import ConfigError, TrainConfig, device_batch_sizes, load_config
 from llmhift.build.memory import ModelShape, count_params, default_world_size, estimate_run
 from llmhift.build.resolve import SHAPE_FIELDS, Resolution
+from llmhift.build.throughput import PEAK_BF16_FLOPS, duration_tokens, plan_lines
 from llmhift.build.trainer import (
     build_algorithms,
     build_callbacks,
@@ -44,7 +45,7 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def dry_run(config: TrainConfig, world_size: int = 1) -> None:
+def dry_run(config: TrainConfig, world_size: int = 1, gpu: str | None = None) -> None:
     """Validates everything that does not need data or weights, prints the resolved architecture,
     the model's size and the per-GPU memory estimate for ``world_size`` ranks.
 
@@ -74,6 +75,9 @@ def dry_run(config: TrainConfig, world_size: int = 1) -> None:
     try:
         shape = ModelShape.from_hf(model.config) if hf else ModelShape.from_llama(model.config)
         print("\n".join(estimate_run(config, model, shape, world_size=world_size).lines()))
+        seq_len = config.train_loader.dataset.max_seq_len or config.model.get("max_seq_len")
+        if seq_len:
+            print("\n".join(plan_lines(shape, seq_len, gpu, world_size, duration_tokens(config, seq_len))))
     except ValueError as err:  # a model family or setting the estimate has no formula for
         print(f"note: no memory estimate: {err}")
 
@@ -145,12 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "no checkpoint); max_duration: 0ba means the same")
     parser.add_argument("--world-size", type=int, default=default_world_size(), metavar="N",
                         help="ranks the dry run's memory estimate assumes (default: $WORLD_SIZE, else 1)")
+    parser.add_argument("--gpu", choices=sorted(PEAK_BF16_FLOPS),
+                        help="the dry run also prints expected tokens/s and wall time on this GPU")
     args = parser.parse_intermixed_args(argv)  # --dry-run may come anywhere among the overrides
     if args.world_size < 1:
         parser.error(f"--world-size: must be a positive number of ranks, got {args.world_size}")
     config = load_config(args.yaml, args.overrides)
     if args.dry_run:
-        dry_run(config, args.world_size)
+        dry_run(config, args.world_size, args.gpu)
         return 0
     eval_only = args.eval_only or _zero_duration(config.max_duration)
     trainer = build_trainer(config, eval_only=eval_only)
