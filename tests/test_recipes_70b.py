@@ -31,3 +31,20 @@ def test_70b_recipe_fits_80gb(llama2_70b_dir, yaml, world_size):
     total = float(re.search(r"^  total +([\d.]+) GiB", out, re.M).group(1))
     assert 20 < total < GPU_GIB, out
     assert f"expected on {world_size} x a100" in out
+
+
+def test_multinode_launcher_turns_slurm_env_into_composer_arguments(tmp_path):
+    """The launcher's command line, with `composer` and `scontrol` replaced by scripts that echo."""
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho gpu-node-07\necho gpu-node-08\n")
+    (tmp_path / "composer").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    for tool in ("scontrol", "composer"):
+        (tmp_path / tool).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "COMPOSER": str(tmp_path / "composer"), "GPUS_PER_NODE": "8",
+           "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu-node-[07-08]"}
+    out = subprocess.run(["scripts/launch_multinode.sh", "yamls/finetune/llama2_70b_fsdp.yaml", "seed=3"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["-n", "8", "--world_size", "16", "--node_rank", "1", "--master_addr", "gpu-node-07",
+                   "--master_port", "29500", "train.py", "yamls/finetune/llama2_70b_fsdp.yaml", "seed=3"]
+    del env["SLURM_NODEID"]
+    refused = subprocess.run(["scripts/launch_multinode.sh", "y.yaml"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: SLURM_NODEID is not set ;")
