@@ -21,7 +21,7 @@ done
 PYTHON=${PYTHON:-python}
 COMPOSER=${COMPOSER:-composer}
 GPUS_PER_NODE=${GPUS_PER_NODE:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads every line: no SIGPIPE under pipefail
 exec "$COMPOSER" -n "$GPUS_PER_NODE" --world_size $((SLURM_NNODES * GPUS_PER_NODE)) \
   --node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
   train.py "$YAML" "$@"
