@@ -32,6 +32,7 @@ from llmhift.build.memory import (
 )
 from llmhift.build.optimizers import check_installed
 from llmhift.build.resolve import SHAPE_FIELDS, Resolution
+from llmhift.build.throughput import PEAK_BF16_FLOPS, duration_tokens, plan_lines
 from llmhift.build.trainer import (
     build_algorithms,
     build_callbacks,
@@ -53,7 +54,7 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def dry_run(config: TrainConfig, world_size: int = 1, gpu_memory: int | None = None) -> None:
+def dry_run(config: TrainConfig, world_size: int = 1, gpu_memory: int | None = None, gpu: str | None = None) -> None:
     """Validates everything that does not need data or weights, prints the resolved architecture,
     the model's size and the per-GPU memory estimate for ``world_size`` ranks.
 
@@ -87,6 +88,9 @@ def dry_run(config: TrainConfig, world_size: int = 1, gpu_memory: int | None = N
             seq_len, batch, longest = what_fits(config, model, shape, world_size, gpu_memory)
             print(f"fits in {gpu_memory / GiB:.1f} GiB per GPU (estimate, without the 1-3 GiB of CUDA context): "
                   f"micro-batch {batch} at seq {seq_len}; seq {longest} at micro-batch 1")
+        seq_len = config.train_loader.dataset.max_seq_len or config.model.get("max_seq_len")
+        if seq_len:
+            print("\n".join(plan_lines(shape, seq_len, gpu, world_size, duration_tokens(config, seq_len))))
     except ValueError as err:  # a model family or setting the estimate has no formula for
         print(f"note: no memory estimate: {err}")
 
@@ -161,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpu-memory", metavar="SIZE",
                         help="with --dry-run: the largest micro-batch and the longest sequence that fit in SIZE "
                              "(e.g. 24GiB) per GPU, per the estimate")
+    parser.add_argument("--gpu", choices=sorted(PEAK_BF16_FLOPS),
+                        help="the dry run also prints expected tokens/s and wall time on this GPU")
     args = parser.parse_intermixed_args(argv)  # --dry-run may come anywhere among the overrides
     if args.world_size < 1:
         parser.error(f"--world-size: must be a positive number of ranks, got {args.world_size}")
@@ -169,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpu_memory = None if args.gpu_memory is None else parse_memory(args.gpu_memory)
     config = load_config(args.yaml, args.overrides)
     if args.dry_run:
-        dry_run(config, args.world_size, gpu_memory)
+        dry_run(config, args.world_size, gpu_memory, args.gpu)
         return 0
     eval_only = args.eval_only or _zero_duration(config.max_duration)
     trainer = build_trainer(config, eval_only=eval_only)
