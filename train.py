@@ -27,6 +27,7 @@ from llmhift.build.memory import (
     count_params,
     default_world_size,
     estimate_run,
+    max_positions,
     parse_memory,
     what_fits,
 )
@@ -42,6 +43,7 @@ from llmhift.build.trainer import (
     check_activation_checkpointing,
     check_data,
     check_optimization,
+    check_peft,
     check_precision,
     check_tokenizer,
     resolve_model,
@@ -64,6 +66,7 @@ def dry_run(config: TrainConfig, world_size: int = 1, gpu_memory: int | None = N
     do), never its weights. ``gpu_memory`` (bytes): also print what fits in it, per the estimate.
     """
     check_optimization(config)
+    check_peft(config)
     check_activation_checkpointing(config)
     build_callbacks(config)
     build_loggers(config)
@@ -83,11 +86,15 @@ def dry_run(config: TrainConfig, world_size: int = 1, gpu_memory: int | None = N
     model = _print_hf_size(config, resolution.overrides) if hf else _print_llama_size(config)
     try:
         shape = ModelShape.from_hf(model.config) if hf else ModelShape.from_llama(model.config)
-        print("\n".join(estimate_run(config, model, shape, world_size=world_size).lines()))
-        if gpu_memory:
+        if config.model.get("peft"):
+            print("note: no memory estimate: it counts a base model, not model.peft's adapters or 4-bit weights")
+        else:
+            print("\n".join(estimate_run(config, model, shape, world_size=world_size).lines()))
+        if gpu_memory and not config.model.get("peft"):
             seq_len, batch, longest = what_fits(config, model, shape, world_size, gpu_memory)
             print(f"fits in {gpu_memory / GiB:.1f} GiB per GPU (estimate, without the 1-3 GiB of CUDA context): "
-                  f"micro-batch {batch} at seq {seq_len}; seq {longest} at micro-batch 1")
+                  f"micro-batch {batch} at seq {seq_len}; seq {longest} at micro-batch 1 "
+                  f"(at most the model's {max_positions(model)} positions)")
         seq_len = config.train_loader.dataset.max_seq_len or config.model.get("max_seq_len")
         if seq_len:
             print("\n".join(plan_lines(shape, seq_len, gpu, world_size, duration_tokens(config, seq_len))))

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 from llmhift.callbacks.hift import HiFTCallback
+from llmhift.callbacks.hift.schedule import STRATEGIES
 from llmhift.errors import cli_errors
 
 __all__ = ["ARCHS", "MarkerTask", "build_model", "build_trainer", "main"]
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--group-element", type=int, default=1)
-    parser.add_argument("--strategy", choices=["down2up", "up2down", "random"], default="down2up")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="down2up")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

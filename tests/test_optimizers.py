@@ -188,6 +188,8 @@ def test_what_fits_is_the_largest_micro_batch_and_sequence_within_the_budget(tmp
     _fits(capsys, tmp_path, "--gpu-memory", "24GiB")
     assert totals[(3, None)] <= 24 * GiB < totals[(4, None)]
     assert totals[(1, 1912)] <= 24 * GiB < totals[(1, 1913)]
+    # 48 GiB would hold ~7355 tokens, but LLaMA-2 has 4096 positions: the answer is what the model can run
+    assert _fits(capsys, tmp_path, "--gpu-memory", "48GiB") == (14, 4096)
 
 
 def test_gpu_memory_needs_the_dry_run_and_a_size(tmp_path, capsys):

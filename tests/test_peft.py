@@ -153,6 +153,8 @@ def test_cli_refuses_a_bad_section_and_merging_a_checkpoint_without_adapters(hf_
     assert len(lines) == 1 and lines[0].startswith("error: model.peft.alpha: not a setting of LoraConfig (lora); "
                                                    "known: ["), lines
     assert not (tmp_path / "ck").exists()
+    assert train.main([str(yaml), "--dry-run"]) == 2  # the dry run checks the section as the run does
+    assert capsys.readouterr().err.startswith("error: model.peft.alpha: not a setting of LoraConfig (lora)")
     plain = tmp_path / "plain.pt"
     torch.save({"state": {"model": tiny_llama().state_dict()}}, plain)
     assert composer_to_hf.main(["save_composer_to_hf", str(plain), str(tmp_path / "out"), "merge_peft=true"]) == 2
@@ -166,3 +168,17 @@ def test_demo_yaml_checks_and_plans_hift_over_its_adapters(hf_dir, demo_root, tm
     # Without adapters the model has 4 units (embedding with its tied head, 2 blocks, norm); with them, 2.
     with pytest.raises(ConfigError, match=r"^callbacks.hift: group_element: 3 is larger than the 2 cycled units"):
         check_config(load_config("yamls/demo/lora_hift.yaml", [*overrides, "callbacks.hift.group_element=3"]))
+
+
+@pytest.mark.parametrize("kind", ["PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"])
+def test_merging_virtual_tokens_is_refused_before_the_checkpoint_is_read(kind):
+    from peft import PeftType
+
+    from llmhift.convert.peft_export import check_mergeable
+    from llmhift.models.hf_adapter import ConversionError
+
+    for stored in (kind, PeftType[kind]):  # as the checkpoint's JSON holds it, and as peft's to_dict gives it
+        with pytest.raises(ConversionError, match=rf"^merge_peft=true: {kind.lower()} adds virtual tokens"):
+            check_mergeable({"peft_type": stored})
+    check_mergeable({"peft_type": "LORA"})
+    check_mergeable({"peft_type": PeftType.IA3})

@@ -581,15 +581,23 @@ def _largest(fits: Callable[[int], bool]) -> int:
     return low
 
 
+def max_positions(model: nn.Module) -> Optional[int]:
+    """The longest sequence the model's position range allows (HF ``max_position_embeddings``, or
+    ComposerLlama's ``max_seq_len``); None when the config names neither."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "max_seq_len", None)
+
+
 def what_fits(config: Any, model: nn.Module, shape: ModelShape, world_size: int,
               gpu_bytes: int) -> tuple[int, int, int]:
     """(seq_len, largest micro-batch at the yaml's seq_len, longest sequence at micro-batch 1) whose
     estimated total (:func:`estimate_run`) is at most ``gpu_bytes``; 0 where nothing fits, ``FITS_CAP``
-    where the search stopped. Estimates only: the CUDA context and fragmentation are not counted."""
+    where the search stopped. The sequence never exceeds :func:`max_positions`: a longer one fits in
+    memory but not in the model. Estimates only: the CUDA context and fragmentation are not counted."""
     def total(micro: int, seq: Optional[int] = None) -> int:
         with contextlib.redirect_stdout(io.StringIO()):  # the dry run printed the estimate's notes once already
             return estimate_run(config, model, shape, world_size, micro_batch=micro, seq_len=seq).total
     seq_len = config.train_loader.dataset.max_seq_len or config.model.get("max_seq_len")
+    limit = max_positions(model) or FITS_CAP
     batch = _largest(lambda m: total(m) <= gpu_bytes)
-    longest = _largest(lambda t: total(1, t) <= gpu_bytes)
+    longest = _largest(lambda t: t <= limit and total(1, t) <= gpu_bytes)
     return seq_len, batch, longest

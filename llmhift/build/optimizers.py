@@ -21,8 +21,7 @@ from composer.optim import DecoupledAdamW
 
 from llmhift.build.config import ConfigError, OptimizerConfig
 
-__all__ = ["OptimizerSpec", "OPTIMIZERS", "check_optimizer", "check_installed", "make_optimizer", "optimizer_state_bytes",
-           "BNB_BLOCK"]
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "check_optimizer", "check_installed", "make_optimizer", "optimizer_state_bytes"]
 
 FP32 = 4
 BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizers keep one fp32 absmax per block of this many values

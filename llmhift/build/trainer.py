@@ -31,7 +31,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmhift.atomic import atomic_file
 from llmhift.build.config import ConfigError, LoaderConfig, TrainConfig, device_batch_sizes
-from llmhift.build.optimizers import OPTIMIZERS as OPTIMIZER_SPECS
 from llmhift.build.optimizers import check_optimizer, make_optimizer
 from llmhift.build.parallel import average_gloo_fsdp2_gradients, on_gpu, parallelism_config
 from llmhift.build.resolve import (
@@ -41,7 +40,7 @@ from llmhift.build.resolve import (
     resolve_llama_section,
     resolve_model_section,
 )
-from llmhift.callbacks.adalora import AdaLoRAAllocator
+from llmhift.callbacks.adalora import HIFT_REFUSAL, AdaLoRAAllocator
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
@@ -142,7 +141,6 @@ LOGGERS: dict[str, Callable[..., LoggerDestination]] = {
     "jsonl": JsonlLogger,  # every metric to a JSON-lines file, read by `python -m llmhift.report`
 }
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {"gradient_clipping": GradientClipping}
-OPTIMIZERS = tuple(OPTIMIZER_SPECS)
 SCHEDULERS = ("cosine_with_warmup", "constant_with_warmup", "linear_decay_with_warmup")
 MODELS = ("llama", "hf_causal_lm")
 
@@ -607,8 +605,7 @@ def check_peft(config: TrainConfig) -> None:
         raise ConfigError("model.peft.quantize and fsdp_config: FSDP cannot shard bitsandbytes' packed 4-bit weights "
                           "here; drop fsdp_config (QLoRA fits one GPU) or model.peft.quantize")
     if section["type"] == "adalora" and "hift" in config.callbacks:
-        raise ConfigError("callbacks.hift: AdaLoRA's rank allocator scores every adapter's gradient at every step "
-                          "and HiFT leaves inactive blocks without one; drop callbacks.hift or use lora/ia3")
+        raise ConfigError(HIFT_REFUSAL)
 
 
 TEACHER_KEY = "callbacks.distillation.teacher"

@@ -11,9 +11,12 @@ from composer.loggers import Logger
 from llmhift.models.causal_lm import unwrap_model
 from llmhift.models.peft import find_peft_model
 
-__all__ = ["AdaLoRAAllocator", "BUDGET_KEY"]
+__all__ = ["AdaLoRAAllocator", "BUDGET_KEY", "HIFT_REFUSAL"]
 
 BUDGET_KEY = "adalora/ranks"  # ranks kept over all adapted matrices after the step's allocation
+# Said by the yaml check and by the callback on a plain Trainer, in the same words.
+HIFT_REFUSAL = ("callbacks.hift: AdaLoRA's rank allocator scores every adapter's gradient at every step and HiFT "
+                "leaves inactive blocks without one; drop callbacks.hift or use lora/ia3")
 
 
 class AdaLoRAAllocator(Callback):
@@ -59,8 +62,7 @@ class AdaLoRAAllocator(Callback):
             raise ValueError("model: AdaLoRAAllocator needs a peft AdaLoRA model (model.peft.type: adalora); "
                              "drop the callback for other models")
         if any(isinstance(c, HiFTCallback) for c in state.callbacks):
-            raise ValueError("callbacks.hift: AdaLoRA's rank allocator scores every adapter's gradient at every "
-                             "step and HiFT leaves inactive blocks without one; drop callbacks.hift or use lora/ia3")
+            raise ValueError(HIFT_REFUSAL)
         self._adalora = wrapped.base_model
         self._apply(self._loaded)
 

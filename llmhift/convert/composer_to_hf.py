@@ -42,7 +42,7 @@ from llmhift.checkpoint.io import (
     write_hf_weights,
 )
 from llmhift.convert.common import file_written_by, parse_overrides, save_torch_file
-from llmhift.convert.peft_export import rebuild_peft_model, write_peft_export
+from llmhift.convert.peft_export import check_mergeable, rebuild_peft_model, write_peft_export
 from llmhift.errors import cli_errors
 from llmhift.models.hf_adapter import (
     ConversionError,
@@ -172,6 +172,8 @@ def _save_peft(checkpoint_path: str | Path, out_dir: str | Path, meta: dict[str,
                tokenizer: str | Path | None, overwrite: bool, inputs: list[Any]) -> Path:
     """A peft checkpoint -> the merged HF folder or the adapter folder, with the source's generation
     config and tokenizer files beside, atomically."""
+    if merge:
+        check_mergeable(meta[PEFT_CONFIG_KEY])
     model = rebuild_peft_model(checkpoint_path, meta)
     tokenizer_content = tokenizer_files(tokenizer) if tokenizer else meta.get(TOKENIZER_FILES_KEY, {})
     needs = sum(p.numel() * DTYPES[dtype].itemsize for p in model.parameters())

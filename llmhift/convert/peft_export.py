@@ -45,14 +45,20 @@ def rebuild_peft_model(checkpoint_path: str | Path, meta: Mapping[str, Any]) -> 
     return model.eval()
 
 
+def check_mergeable(peft_config: dict[str, Any]) -> None:
+    """Refuses ``merge_peft=true`` for a method whose adapters are virtual tokens: nothing to fold into
+    the weights. Called before the checkpoint is read, so a refused export costs nothing."""
+    kind = peft_config.get("peft_type", "")
+    kind = str(getattr(kind, "value", kind)).lower()  # the enum, or its value as the checkpoint's JSON holds it
+    if kind not in PER_BLOCK_TYPES:
+        raise ConversionError(f"merge_peft=true: {kind} adds virtual tokens, which have no weights to merge into "
+                              "the model; export the adapter folder (merge_peft=false)")
+
+
 def write_peft_export(model: nn.Module, folder: Path, merge: bool, dtype: torch.dtype) -> None:
     """Writes into ``folder`` (the caller's atomic temp folder): with ``merge`` the base model with every
     adapter folded into its weights (``config.json`` + safetensors, loadable by transformers alone),
     otherwise the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    kind = model.peft_config[model.active_adapter].peft_type.value.lower()
-    if merge and kind not in PER_BLOCK_TYPES:
-        raise ConversionError(f"merge_peft=true: {kind} adds virtual tokens, which have no weights to merge into "
-                              "the model; export the adapter folder (merge_peft=false)")
     if merge:
         model.merge_and_unload().to(dtype).save_pretrained(folder, safe_serialization=True)
     else:
