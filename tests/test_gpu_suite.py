@@ -34,3 +34,16 @@ def test_gpu_suite_tiny_on_cpu(tmp_path):
     # the estimates see each case's settings: masks add state, HiFT trains one block at a time
     assert cases["masked"]["estimate_mib"] > cases["plain"]["estimate_mib"]
     assert cases["hift_7b"]["estimate_mib"] < cases["full_7b"]["estimate_mib"]
+
+
+@pytest.mark.slow  # two gloo ranks
+def test_rank0_loading_tiny():
+    run = subprocess.run([sys.executable, "bench/rank0_loading.py", "--tiny"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    assert report["params"] == 115008  # 2 x 256 x 64 (embedding, head) + 2 blocks x 57,472 + the final norm
+    for rank in ("rank0", "rank1"):
+        for arm in ("rank0", "naive"):
+            figures = report["ranks"][rank][arm]
+            assert figures["first_forward_s"] > 0 and figures["peak_above_baseline_mb"] >= 0
