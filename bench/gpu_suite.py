@@ -33,9 +33,10 @@ import argparse
 import importlib.util
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -173,7 +174,7 @@ def throughput(shape: dict, seq_len: int, batch: int, reps: int, attn: str, devi
             times[name].append(wall_seconds(run, torch.device(device)))
     tokens = batch * seq_len
     flops = flops_per_token(ModelShape.from_llama(config), seq_len)
-    peak = PEAK_BF16_FLOPS["h100"] if device == "cuda" and "H100" in torch.cuda.get_device_name() else None
+    peak = gpu_peak_flops(device)
     result: dict[str, Any] = {}
     for name, samples in times.items():
         tps = tokens / statistics.median(samples)
@@ -181,6 +182,12 @@ def throughput(shape: dict, seq_len: int, batch: int, reps: int, attn: str, devi
         result[f"{name}_mfu"] = None if peak is None else round(tps * flops / peak, 3)
     result["ours_over_hf"] = round(result["ours_tokens_per_s"] / result["hf_tokens_per_s"], 3)
     return result
+
+
+def gpu_peak_flops(device: str) -> float | None:
+    """The card's dense bf16 peak when it is one PEAK_BF16_FLOPS names (else no MFU is claimed)."""
+    name = torch.cuda.get_device_name().lower() if device == "cuda" else ""
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
 
 
 def table(report: dict) -> str:
@@ -203,27 +210,44 @@ def main() -> None:
     precision = "amp_bf16" if args.device == "cuda" else "fp32"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     cases: dict[str, dict] = {}
-    attns = ["sdpa"] + (["flash_attn"] if args.device == "cuda" and importlib.util.find_spec("flash_attn") else [])
-    for attn in attns:
-        cases[f"throughput_{attn}"] = throughput(SHAPES[small], seq_len, 2 if args.tiny else 4, 3 if args.tiny else 6,
-                                                 attn, args.device, dtype)
-    cases["plain"] = fit_case(case_config(SHAPES[small], seq_len, 2, steps, precision), args.device, steps)
-    cases["masked"] = fit_case(case_config(SHAPES[small], seq_len, 2, steps, precision,
-                                           target=PRUNED_TARGET[small]), args.device, steps)
-    cases["masked"]["masked_over_plain"] = round(cases["masked"]["step_s"] / cases["plain"]["step_s"], 3)
-    cases["hift_7b"] = fit_case(case_config(SHAPES[big], seq_hift, 3, steps, precision, hift=True), args.device, steps)
-    cases["full_7b"] = fit_case(case_config(SHAPES[big], seq_hift, 3, steps, precision), args.device, steps,
-                                fitted=False)
     report = {
         "bench": "gpu_suite", "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "tiny": args.tiny,
         "pruning_modules": list(PRUNING_MODULES), "cases": cases,
     }
+
+    def measure(name: str, case: Callable[[], dict]) -> None:
+        """One case; a failure is recorded and the others still run (a GPU is lent for minutes, once)."""
+        print(f"[gpu_suite] {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            cases[name] = case()
+        except Exception as err:  # noqa: BLE001 - reported in the JSON and the exit status
+            cases[name] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        print(f"[gpu_suite] {name} {time.perf_counter() - start:.0f}s: {cases[name]}", file=sys.stderr, flush=True)
+        if args.out:  # what is measured survives a later case's crash or a time limit
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    attns = ["sdpa"] + (["flash_attn"] if args.device == "cuda" and importlib.util.find_spec("flash_attn") else [])
+    for attn in attns:
+        measure(f"throughput_{attn}", lambda: throughput(SHAPES[small], seq_len, 2 if args.tiny else 4,
+                                                         3 if args.tiny else 6, attn, args.device, dtype))
+    measure("plain", lambda: fit_case(case_config(SHAPES[small], seq_len, 2, steps, precision), args.device, steps))
+    measure("masked", lambda: fit_case(case_config(SHAPES[small], seq_len, 2, steps, precision,
+                                                   target=PRUNED_TARGET[small]), args.device, steps))
+    if "step_s" in cases["plain"] and "step_s" in cases["masked"]:
+        cases["masked"]["masked_over_plain"] = round(cases["masked"]["step_s"] / cases["plain"]["step_s"], 3)
+    measure("hift_7b", lambda: fit_case(case_config(SHAPES[big], seq_hift, 3, steps, precision, hift=True),
+                                        args.device, steps))
+    measure("full_7b", lambda: fit_case(case_config(SHAPES[big], seq_hift, 3, steps, precision), args.device, steps,
+                                        fitted=False))
     print(table(report))
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    if any("error" in figures for figures in cases.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from llmhift.build.memory import ModelShape
 # Dense bf16 peak FLOP/s per GPU, without sparsity.
 # H100 SXM5: 989.4 TFLOP/s (NVIDIA H100 Tensor Core GPU datasheet, "BF16 Tensor Core" 1,979 with sparsity / 2).
 # A100 SXM4 80 GB: 312 TFLOP/s (NVIDIA A100 Tensor Core GPU datasheet, "BF16 Tensor Core").
-PEAK_BF16_FLOPS = {"h100": 989.4e12, "a100": 312e12}
+PEAK_BF16_FLOPS = {"h100": 989.4e12, "h200": 989.4e12, "a100": 312e12}  # dense bf16, SXM cards
 # The assumed model FLOPs utilisation: the PyTorch FSDP Llama-2-70B write-up reports 45.5% on A100s;
 # 40% is a round figure a tuned FSDP run reaches on either GPU.
 ASSUMED_MFU = 0.40

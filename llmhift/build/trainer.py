@@ -45,6 +45,7 @@ from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.distillation import DistillationCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
+from llmhift.callbacks.hift.callback import PARAM_DTYPES
 from llmhift.callbacks.hift.schedule import find_units
 from llmhift.callbacks.pruning import PruningCallback
 from llmhift.callbacks.task_balance import TaskBalanceCallback
@@ -325,6 +326,20 @@ def _load_pretrained_llama(model: ComposerLlama, path: str, key: str = "model.pr
     model.model.load_state_dict(loaded, strict=True, assign=True)
 
 
+def _store_in_hift_dtype(config: TrainConfig, model: ComposerModel) -> None:
+    """Casts HiFT's parameters to ``callbacks.hift.param_dtype`` now, on the CPU. HiFT would cast them at
+    INIT, but Composer moves the model to the GPU first: a 7B model would arrive there in fp32 (27 GB)
+    and not fit the 24 GB cards HiFT's bf16 weights are meant for. The same cast as HiFT's, so the
+    weights are the same either way; FSDP runs refuse ``param_dtype`` (HiFTCallback)."""
+    dtype = PARAM_DTYPES.get((config.callbacks.get("hift") or {}).get("param_dtype"))
+    if dtype is None or config.fsdp_config:
+        return
+    params = dict(model.named_parameters())
+    for _, names in find_units(model):
+        for name in names:
+            params[name].data = params[name].data.to(dtype)
+
+
 def build_model(config: TrainConfig, eval_domains: list[str] | None = None, tasks: list[str] | None = None) -> ComposerModel:
     """The yaml's model. A llama with ``model.pretrained`` is built on the meta device and filled from
     the checkpoint. Under FSDP only rank 0 materialises the decoder (reading the checkpoint, or
@@ -344,6 +359,7 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None, task
         # tasks: the train data's (multi-task instruction), weighed by model.loss_balance (check_loss_balance)
         model = ComposerLlama(llama, mask_source=build_l0_module(config), eval_domains=eval_domains or (),
                               init_device="meta" if pretrained or broadcast else None, tasks=tasks or (), **balance)
+        _store_in_hift_dtype(config, model)  # before loading: a pretrained checkpoint is read straight into it
         if pretrained and not broadcast:
             _load_pretrained_llama(model, pretrained)
         return model
@@ -355,10 +371,11 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None, task
             if adapters is not None and adapters.get("quantize") is not None:
                 kwargs["quantization_config"] = quantization_config(adapters)
             model = ComposerHFCausalLM.from_pretrained(section["pretrained"], eval_domains=eval_domains or (), **kwargs)
-            if adapters is None:
-                return model
-            return ComposerHFCausalLM(wrap_peft(model.model, adapters, _total_steps(config)),
-                                      eval_domains=eval_domains or ())
+            if adapters is not None:
+                model = ComposerHFCausalLM(wrap_peft(model.model, adapters, _total_steps(config)),
+                                           eval_domains=eval_domains or ())
+            _store_in_hift_dtype(config, model)
+            return model
         except (OSError, TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from None
     raise ConfigError(f"model.name: {name!r} is not one of {MODELS}")
