@@ -19,17 +19,15 @@ Cases, each measured on this device in one run:
 On a CPU there is no allocator peak: the peaks and ratios are null, the rest is measured.
 
 The lent GPU machines have their own torch and transformers but lack Composer and its pure-Python
-dependencies. From the project root, fetch those wheels once with the project's shared tool
-(``echo /.whl/ >> .git/info/exclude && ../shared/tools/gpu_wheels.sh``), carry ``.whl`` to the GPU
-machine, and there run::
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_suite.py --out suite.json
+dependencies: README's "GPU validation kit" says which wheels to carry (the shared tool's, with
+importlib_metadata 8.9.0 in place of 10.x, and transformers 4.57.6 to measure against the pinned one)
+and how to install them there. Measured on an H200: the README's table.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import statistics
@@ -126,14 +124,20 @@ def fit_case(config: TrainConfig, device: str, steps: int, fitted: bool = True) 
     callbacks, timer = build_callbacks(config), StepTimer()
     seq_len = config.train_loader.dataset.max_seq_len
     data = RandomTokens(shape.vocab_size, seq_len, config.global_train_batch_size * steps)
-    if device == "cuda":
+    baseline = 0
+    if device == "cuda":  # what an earlier case left allocated is not this case's
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    Trainer(model=model, optimizers=build_optimizer(config, model), callbacks=[*callbacks, timer],
-            train_dataloader=DataLoader(data, batch_size=config.global_train_batch_size),
-            max_duration=config.max_duration, device="gpu" if device == "cuda" else "cpu",
-            precision=config.precision, progress_bar=False, log_to_console=False).fit()
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        baseline = torch.cuda.memory_allocated()
+    trainer = Trainer(model=model, optimizers=build_optimizer(config, model), callbacks=[*callbacks, timer],
+                      train_dataloader=DataLoader(data, batch_size=config.global_train_batch_size),
+                      max_duration=config.max_duration, device="gpu" if device == "cuda" else "cpu",
+                      precision=config.precision, progress_bar=False, log_to_console=False)
+    trainer.fit()
+    peak = torch.cuda.max_memory_allocated() - baseline if device == "cuda" else None
+    trainer.close()
+    del trainer, model, callbacks
+    gc.collect()  # a callback holding the State keeps the model and its optimizer state on the GPU
     result.update(step_s=round(statistics.median(timer.times[1:] or timer.times), 4),
                   peak_mib=None if peak is None else round(peak / MiB, 1),
                   measured_over_estimate=None if peak is None else round(peak / estimate.total, 3))

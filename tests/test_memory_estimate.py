@@ -359,3 +359,17 @@ def test_dry_run_refuses_two_activation_checkpointings(capsys):
     argv = ["yamls/pruning/llama2_7b_to_1.3b.yaml", "--dry-run", "fsdp_config.activation_checkpointing=true"]
     assert train.main(argv) == 2
     assert "model.activation_checkpointing: both recompute every block" in capsys.readouterr().err
+
+
+def test_gradients_and_activations_peak_apart_without_accumulation():
+    """One micro-batch per step: backward frees activations as it fills gradients, so the peak holds the
+    larger of the two (an H200 measured the 1.3B plain step at 1.01x this, bench/gpu_suite.py); with
+    accumulation the earlier micro-batches' gradients wait through the next forward: both count."""
+    whole, split = (_config(global_train_batch_size=4, device_train_microbatch_size=m) for m in (4, 2))
+    model = build_model(whole)
+    one, two = (estimate_run(c, model, ModelShape.from_llama(model.config), world_size=1) for c in (whole, split))
+    assert not one.accumulating and two.accumulating
+    assert one.total == one.weights + one.optimizer + max(one.activations + one.working, one.gradients)
+    assert two.total == two.weights + two.optimizer + two.gradients + two.activations + two.working
+    assert "larger of gradients and activations" in "\n".join(one.lines())
+    assert not estimate_run(split, model, ModelShape.from_llama(model.config), world_size=2).accumulating  # 2 x 2

@@ -370,12 +370,18 @@ class MemoryEstimate:
     activations: int
     working: int
     host: int = 0
+    accumulating: bool = True  # gradients kept across micro-batches: they coexist with the activations
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
     heading: str = ""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.working
+        """The peak. With one micro-batch per step, backward frees each block's activations as it fills
+        that block's gradients, so the two peak apart (measured on an H200: bench/gpu_suite.py); with
+        gradient accumulation, the gradients of the earlier micro-batches wait through the next forward."""
+        transient = self.activations + self.working
+        held = self.gradients + transient if self.accumulating else max(transient, self.gradients)
+        return self.weights + self.optimizer + held
 
     def lines(self) -> list[str]:
         rows = [self.heading]
@@ -437,6 +443,8 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
         computed = HALF  # Composer's FSDP gathers the weights in the autocast dtype
     micro = config.device_train_microbatch_size
     micro = config.global_train_batch_size // world_size if micro in (None, "auto") else micro  # auto: at most that
+    # what_fits tries other micro-batches under the yaml's accumulation, so that its search stays monotonic
+    accumulating = micro < config.global_train_batch_size // world_size
     micro = micro_batch or micro
     seq_len = seq_len or config.train_loader.dataset.max_seq_len or config.model.get("max_seq_len")
     if not seq_len:
@@ -474,7 +482,7 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
     if teacher is not None:
         state["weights"] += teacher["weights"]
         working += teacher["working"]
-    estimate = MemoryEstimate(**state, activations=acts.saved, working=working, host=host)
+    estimate = MemoryEstimate(**state, activations=acts.saved, working=working, host=host, accumulating=accumulating)
 
     where = f"{sharding.label} over {world_size} ranks" if sharding else f"no FSDP, {world_size} rank(s)"
     estimate.heading = (f"memory per GPU (estimate): {where}, {config.precision}, {optimizer}, micro-batch "
@@ -484,6 +492,8 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
     scope = f"HiFT's largest group, {_numel(trained):,}" if hift is not None else f"{_numel(trained):,}"
     kept = sharding is not None and not sharding.reshard_after_forward and sharding.strategy != "NO_SHARD"
     estimate.notes = {
+        "total": ("gradients kept through the step's micro-batches, on top of the activations" if estimate.accumulating
+                  else "one micro-batch per step: the larger of gradients and activations + working"),
         "weights": (f"{_numel(params):,} parameters" + (f" ({l0_count:,} of them L0 masks)" if l0_count else "")
                     + f", {'bf16' if stored == HALF else 'fp32'}" + (split if weight_ranks > 1 else "")
                     + (f", + fp32 master of {master:,}" if master else "")),
