@@ -1,5 +1,5 @@
 """Host memory and time of loading a pretrained LLaMA under FSDP2 on 2 gloo ranks, rank-0 loading vs
-every rank reading the checkpoint (the naive way), side by side in one launch; prints JSON.
+every rank reading the checkpoint (the naive way), side by side in one run; prints JSON.
 
     python bench/rank0_loading.py                  # LLaMA-2-7B shape, ~13.5 GB bf16 checkpoint
     python bench/rank0_loading.py --layers 8       # 7B width, fewer blocks (when RAM is short)
