@@ -1,5 +1,5 @@
 """Host memory and time of loading a pretrained LLaMA under FSDP2 on 2 gloo ranks, rank-0 loading vs
-every rank reading the checkpoint (the naive way), side by side in one launch; prints JSON.
+every rank reading the checkpoint (the naive way), side by side in one run; prints JSON.
 
     python bench/rank0_loading.py                  # LLaMA-2-7B shape, ~13.5 GB bf16 checkpoint
     python bench/rank0_loading.py --layers 8       # 7B width, fewer blocks (when RAM is short)
@@ -7,7 +7,8 @@ every rank reading the checkpoint (the naive way), side by side in one launch; p
 
 The bench writes a bf16 safetensors checkpoint of random weights in a Hugging Face folder (one shard
 per decoder block, each written and dropped before the next, so it never holds the weights twice),
-then starts 2 ranks. Each rank runs both arms, rank-0 loading first:
+then launches 2 ranks once per arm (each arm in fresh processes, one arm after the other, so neither
+inherits the other's heap):
 
 - ``rank0``: ``llmhift.build.trainer.build_model`` with ``fsdp_config``: rank 0 reads the checkpoint,
   rank 1 builds on the meta device, and Composer's FSDP2 wrapping (``parallelism_config``) broadcasts
@@ -15,17 +16,23 @@ then starts 2 ranks. Each rank runs both arms, rank-0 loading first:
 - ``naive``: the same model built without ``fsdp_config``, so every rank reads the whole checkpoint,
   then wrapped the same way.
 
-Per rank and arm: peak RSS above the RSS right before the arm (sampled every 2 ms by a thread), and
-the time from building the model to the end of the first forward. The write-up's 7B figures (rank 0
-32,744 MB, rank 1 1,506 MB) are printed beside them. ComposerLlama keeps fp32 weights, so the loaded
-model takes 4 bytes per parameter (the write-up's figure is fp32 too). The checkpoint is deleted at
-the end. The arms are skipped, with a message, when this machine's free disk or RAM is short.
+Per rank and arm, RSS above the RSS right before building the model (sampled every 2 ms by a thread):
+the peak while loading (building, wrapping, broadcasting: until the Trainer exists), what is still held
+then, and the peak through the first forward; and the time from building the model to the end of the
+first forward. The load and the forward are measured apart because FSDP2's forward gathers every block
+in turn and keeps the root unit (embedding, head) gathered afterwards: that is working memory of
+training, on the GPU in a GPU run, not loading. On these CPU ranks a rank's fp32 shard (``shard_mb``,
+half the model) lives in host memory, where a GPU run puts it on the GPU; ``load_peak_mb`` minus
+``held_after_load_mb`` is the transient the loading adds on top. The write-up's 7B figures (rank 0
+32,744 MB, rank 1 1,506 MB, host memory with the shards on the GPUs) are printed beside them.
+ComposerLlama keeps fp32 weights, so the loaded model takes 4 bytes per parameter (the write-up's
+figure is fp32 too). The checkpoint is deleted at the end. The arms are skipped, with a message, when
+this machine's free disk or RAM is short.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -47,6 +54,7 @@ SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num
 SHAPE_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4)
 WORLD = 2
+ARMS = ("rank0", "naive")
 
 
 def write_checkpoint(folder: Path, shape: dict) -> int:
@@ -102,8 +110,8 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(folder: str, out: str) -> None:
-    """One rank: both arms in turn, each measured from its own pre-load RSS."""
+def worker(folder: str, out: str, arm: str) -> None:
+    """One rank of one arm, measured from its own pre-load RSS."""
     from composer import Trainer
     from composer.utils import dist
 
@@ -117,28 +125,28 @@ def worker(folder: str, out: str) -> None:
             "train_loader": {"dataset": {"local": "unused", "max_seq_len": 16}}}
     fsdp = {"fsdp_config": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"}}
     sharded = config_from_dict({**base, **fsdp})
-    results = {}
-    for arm, built_from in (("rank0", sharded), ("naive", config_from_dict(base))):
-        dist.barrier()
-        with PeakRSS() as rss:
-            start = time.perf_counter()
-            model = build_model(built_from)
-            trainer = Trainer(model=model, parallelism_config=parallelism_config(sharded), device="cpu",
-                              progress_bar=False, log_to_console=False)
-            ids = torch.arange(16).reshape(2, 8) % model.config.vocab_size
-            with torch.no_grad():
-                model({"input_ids": ids})
-            seconds = time.perf_counter() - start
-        results[arm] = {"peak_above_baseline_mb": round((rss.peak - rss.baseline) / MB),
-                        "baseline_mb": round(rss.baseline / MB), "first_forward_s": round(seconds, 2)}
-        print(f"rank {rank}: {arm} arm {results[arm]}", file=sys.stderr, flush=True)
-        trainer.close()
-        del trainer, model
-        gc.collect()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    with PeakRSS() as load:
+        start = time.perf_counter()
+        model = build_model(sharded if arm == "rank0" else config_from_dict(base))
+        trainer = Trainer(model=model, parallelism_config=parallelism_config(sharded), device="cpu",
+                          progress_bar=False, log_to_console=False)
+    held = _rss()
+    with PeakRSS() as forward:
+        ids = torch.arange(16).reshape(2, 8) % model.config.vocab_size
+        with torch.no_grad():
+            model({"input_ids": ids})
+        seconds = time.perf_counter() - start
+    results = {"load_peak_mb": round((load.peak - load.baseline) / MB),
+               "held_after_load_mb": round((held - load.baseline) / MB),
+               "forward_peak_mb": round((max(load.peak, forward.peak) - load.baseline) / MB),
+               "baseline_mb": round(load.baseline / MB), "first_forward_s": round(seconds, 2)}
+    print(f"rank {rank}: {arm} arm {results}", file=sys.stderr, flush=True)
+    trainer.close()
+    Path(out, f"{arm}-rank{rank}.json").write_text(json.dumps(results))
 
 
-def _launch(folder: Path, out: Path) -> None:
+def _launch(folder: Path, out: Path, arm: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -146,7 +154,7 @@ def _launch(folder: Path, out: Path) -> None:
     for rank in range(WORLD):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
                "LOCAL_WORLD_SIZE": str(WORLD), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(folder), str(out)], env=env))
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(folder), str(out), arm], env=env))
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"error: a rank failed (exit codes {codes}); see its output above")
@@ -157,7 +165,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shape (CI)")
     parser.add_argument("--layers", type=int, help="decoder blocks (default: the shape's)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where to write the checkpoint")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker)
@@ -183,15 +191,20 @@ def main() -> None:
         start = time.perf_counter()
         written = write_checkpoint(folder, shape)
         write_s = time.perf_counter() - start
-        _launch(folder, out)
-        ranks = {f"rank{r}": json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)}
-    naive_peak = max(r["naive"]["peak_above_baseline_mb"] for r in ranks.values())
+        for arm in ARMS:
+            _launch(folder, out, arm)
+        ranks = {f"rank{r}": {arm: json.loads(Path(out, f"{arm}-rank{r}.json").read_text()) for arm in ARMS}
+                 for r in range(WORLD)}
+    naive_peak = max(r["naive"]["load_peak_mb"] for r in ranks.values())
+    rank1 = ranks["rank1"]["rank0"]
     print(json.dumps({
         "bench": "rank0_loading", "shape": shape, "params": written, "checkpoint_gb": round(2 * written / 1e9, 2),
         "write_s": round(write_s, 1), "ranks": ranks,
-        "writeup_7b_peak_mb": WRITEUP_MB,
-        "rank1_rank0_arm_over_naive": round(ranks["rank1"]["rank0"]["peak_above_baseline_mb"] / naive_peak, 3),
-        "rank0_rank0_arm_over_naive": round(ranks["rank0"]["rank0"]["peak_above_baseline_mb"] / naive_peak, 3),
+        "writeup_7b_peak_mb": WRITEUP_MB, "model_fp32_mb": round(4 * written / MB),
+        "shard_mb": round(4 * written / WORLD / MB),
+        "rank1_load_transient_mb": rank1["load_peak_mb"] - rank1["held_after_load_mb"],
+        "rank1_rank0_arm_over_naive": round(rank1["load_peak_mb"] / naive_peak, 3),
+        "rank0_rank0_arm_over_naive": round(ranks["rank0"]["rank0"]["load_peak_mb"] / naive_peak, 3),
     }, indent=2))
 
 

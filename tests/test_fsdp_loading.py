@@ -1,8 +1,10 @@
 """Rank-0-only loading under FSDP2 on 2 CPU ranks: only rank 0 opens the weight files, and after
 wrapping both ranks hold exactly the source weights, sharded.
 
-Two ways in, both run one after the other in the same 2-rank launch (start-up is most of a launch's
-cost): ``model.pretrained`` naming an HF folder (``model.safetensors``), and
+Three cases, run one after the other in the same 2-rank launch (start-up is most of a launch's
+cost): ``model.pretrained`` naming an HF folder (``model.safetensors``) of the demo shape, the same
+naming a larger bf16 HF folder (``memory``: ~143 MB as fp32 parameters, so a rank's host-memory growth
+while the run is built measures the loading, not the noise), and
 Composer's own ``load_path`` naming a Composer ``.pt`` with ``fsdp_config.load_monolith_rank0_only``
 (FSDP2 fills ranks > 0 from rank 0 only if they are on the meta device; were they initialised, each
 would keep its own half of every tensor, silently). ``model.pretrained`` naming a ``.pt`` takes the
@@ -13,8 +15,9 @@ its random weights differ from the yaml seed's initialisation, so a rank that ke
 This file is also the script each rank runs: ``composer -n 2 tests/test_fsdp_loading.py PLAN.json``,
 where the plan maps each case to ``[SOURCE, OUT, overrides...]``. Per case it records every ``open`` of
 a file beside SOURCE (a Python audit hook: llmhift's safetensors reader and ``torch.load`` both open
-through Python), runs ``train.main`` on the demo pretrain yaml, and right after the Trainer is built
-(FSDP wrapping and the broadcast happen there) gathers the full state dict and writes
+through Python), resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs ``train.main`` on
+the demo pretrain yaml, and right after the Trainer is built (FSDP wrapping and the broadcast happen
+there) records the peak and held RSS above the case's start, gathers the full state dict and writes
 ``OUT/rank{R}.json`` with a SHA-1 per tensor.
 """
 
@@ -33,8 +36,15 @@ YAML = "yamls/demo/pretrain.yaml"
 LAUNCH_TIMEOUT_S = 240
 SHARDED = "fsdp_config={sharding_strategy: FULL_SHARD, state_dict_type: sharded}"
 MONOLITH = "fsdp_config={sharding_strategy: FULL_SHARD, state_dict_type: full, load_monolith_rank0_only: true}"
+# The memory case's shape: the demo's vocabulary, tokenizer and tied head, wider and deeper; no tensor
+# is over 4.2 MB (the embedding) of the 143 MB, so a rank holding its shard and one full tensor stays near half.
+MEMORY_SHAPE = {"model.d_model": 512, "model.n_layers": 12, "model.n_heads": 8, "model.n_kv_heads": 4,
+                "model.intermediate_size": 1376}
 # case: (source folder or file, the weight files rank 0 opens, in order, how the run is told to load it)
 CASES = {
+    "memory": ("hf_bf16", ["model.safetensors"],  # one small batch: the loading is what it is here for
+               ["model.pretrained={source}", SHARDED, *(f"{k}={v}" for k, v in MEMORY_SHAPE.items()),
+                "global_train_batch_size=2", "device_train_microbatch_size=1", "device_eval_batch_size=2"]),
     "hf_dir": ("hf", ["model.safetensors"], ["model.pretrained={source}", SHARDED]),
     # load_path is opened twice by rank 0: check_load_path maps it to see that it loads (reading the
     # pickle, not the tensors) before anything is built, then Composer loads it.
@@ -56,29 +66,35 @@ def runs(demo_root, tmp_path_factory):
     per-rank records, launch result, logs folder)}."""
     import torch
     import transformers
+    from safetensors.torch import load_file
 
     from llmhift.convert.composer_to_hf import save_hf_to_composer
     from llmhift.models.hf_adapter import hf_to_llmhift_state_dict
     from tests.helpers import launch_ranks  # here: this file also runs as a rank's script
 
     tmp = tmp_path_factory.mktemp("fsdp_loading")
+    demo_shape = dict(vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=352, tie_word_embeddings=True, max_position_embeddings=128)
+    memory_shape = dict(demo_shape, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+                        num_key_value_heads=4, intermediate_size=1376)
     with torch.random.fork_rng():
         torch.manual_seed(1234)  # not the yaml's seed (17): loaded weights differ from a fresh init
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=352, tie_word_embeddings=True, max_position_embeddings=128))  # fmt: skip
-    hf.save_pretrained(tmp / "hf")  # model.safetensors; the tied head is not stored
+        for folder, shape, dtype in (("hf", demo_shape, torch.float32), ("hf_bf16", memory_shape, torch.bfloat16)):
+            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).to(dtype)
+            hf.save_pretrained(tmp / folder)  # model.safetensors; the tied head is not stored
     (tmp / "pt").mkdir()
     save_hf_to_composer(tmp / "hf", tmp / "pt" / "model.pt")
-    expected = {k: tensor_digest(v) for k, v in hf_to_llmhift_state_dict(hf.state_dict(), True).items()}
+    # the reference: the weight file as safetensors' own reader gives it, in the model's fp32
+    reference = {folder: {k: tensor_digest(v.float()) for k, v in hf_to_llmhift_state_dict(
+        load_file(tmp / folder / "model.safetensors"), True).items()} for folder in ("hf", "hf_bf16")}
 
     plan = {}
     for case, (source, _, how) in CASES.items():
         source = tmp / source
-        plan[case] = [str(source), str(tmp / case / "out"), *(a.replace("{source}", str(source)) for a in how),
-                      f"variables.data_root={demo_root}", f"save_folder={tmp / case / 'ckpt'}", "max_duration=1ba",
-                      "eval_interval=1ba", "eval_subset_num_batches=1", "device_train_microbatch_size=8",
-                      "progress_bar=false", "log_to_console=false"]  # fmt: skip
+        plan[case] = [str(source), str(tmp / case / "out"), f"variables.data_root={demo_root}",
+                      f"save_folder={tmp / case / 'ckpt'}", "max_duration=1ba", "eval_interval=1ba",
+                      "eval_subset_num_batches=1", "device_train_microbatch_size=8", "progress_bar=false",
+                      "log_to_console=false", *(a.replace("{source}", str(source)) for a in how)]  # fmt: skip
     (tmp / "plan.json").write_text(json.dumps(plan))
     logs = tmp / "logs"
     result = launch_ranks(__file__, [str(tmp / "plan.json")], logs, LAUNCH_TIMEOUT_S, env={"FSDP_VERSION": "2"})
@@ -86,7 +102,8 @@ def runs(demo_root, tmp_path_factory):
     for case in CASES:
         out = tmp / case / "out"
         records = [json.loads(p.read_text()) if p.is_file() else None for p in (out / f"rank{r}.json" for r in (0, 1))]
-        results[case] = (expected, records, result, logs)
+        source = "hf_bf16" if case == "memory" else "hf"  # load_path's .pt is converted from the hf folder
+        results[case] = (reference[source], records, result, logs)
     return results
 
 
@@ -121,6 +138,19 @@ def test_both_ranks_hold_the_source_weights_sharded(runs, case):
         assert record["full_state"] == expected, f"rank {rank} differs from the source"
         # every parameter is a DTensor whose local shard is a strict part of it
         assert record["sharded"] and all(record["sharded"].values()), record["sharded"]
+
+
+@pytest.mark.slow
+def test_loading_grows_rank1_by_its_shard_not_by_a_model_copy(runs):
+    """While train.py builds the run (model, FSDP2 wrapping, broadcast), rank 1's peak RSS grows by its
+    fp32 shard (half the model) and one full tensor at a time, not by a copy of the model; rank 0, which
+    materialises the model, shows that the measure sees a full copy where there is one."""
+    rank0, rank1 = _records(runs["memory"])
+    model_bytes = rank1["model_bytes"]
+    assert model_bytes > 140e6, model_bytes  # the signal: the fp32 model, against tens of MB of noise
+    assert rank0["rss_peak_growth"] > model_bytes, rank0
+    assert rank1["rss_peak_growth"] < 0.7 * model_bytes, rank1
+    assert rank1["rss_held_growth"] > 0.45 * model_bytes, rank1  # its shard, now resident
 
 
 def test_safetensors_reader_matches_the_library_and_names_a_broken_file(tmp_path):
@@ -174,11 +204,22 @@ def _run_case(out: Path, overrides: list[str], opened: list[str]) -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.tensor import DTensor
 
+    import llmhift.build.trainer as build
     from tests.helpers import run_train_main
 
     record: dict = {}
+    build_model = build.build_model
+
+    def measured_build_model(*args, **kwargs):  # build_trainer calls it after the data loaders, before the Trainer
+        Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark (VmHWM) restarts from here
+        record["rss_baseline"] = _status_bytes("VmRSS")
+        return build_model(*args, **kwargs)
+
+    build.build_model = measured_build_model  # this rank's build_trainer measures from here on
 
     def setup(trainer) -> None:  # train.py has built the model (rank 0 read), wrapped it with FSDP2, broadcast
+        record["rss_peak_growth"] = _status_bytes("VmHWM") - record["rss_baseline"]
+        record["rss_held_growth"] = _status_bytes("VmRSS") - record["rss_baseline"]
         model = trainer.state.model
         record["sync_module_states"] = trainer.state.fsdp_config.sync_module_states
         record["sharded"] = {
@@ -187,6 +228,7 @@ def _run_case(out: Path, overrides: list[str], opened: list[str]) -> int:
         # full_state_dict without cpu_offload: every rank all-gathers every tensor
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         record["full_state"] = {k: tensor_digest(v) for k, v in full.items()}
+        record["model_bytes"] = sum(v.numel() * v.element_size() for v in full.values())
 
     _, exit_code = run_train_main([YAML, *overrides], setup)
     record["exit_code"] = exit_code
@@ -197,6 +239,12 @@ def _run_case(out: Path, overrides: list[str], opened: list[str]) -> int:
     tmp.write_text(json.dumps(record))
     os.replace(tmp, out / f"rank{rank}.json")
     return exit_code
+
+
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``: the peak since the last reset) in bytes."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 if __name__ == "__main__":

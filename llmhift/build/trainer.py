@@ -347,8 +347,11 @@ def build_model(config: TrainConfig, eval_domains: list[str] | None = None, task
     the architecture: a config.json or the config a checkpoint stores), and
     Composer broadcasts rank 0's weights into every rank's shards while wrapping (FSDP2 turns
     ``sync_module_states`` on by itself when it sees rank 0 materialised and the others not; FSDP1
-    gets it from ``parallelism_config``). A node thus holds one copy of the weights, not one per rank.
-    DDP and single-process runs load on every rank."""
+    gets it from ``parallelism_config``). FSDP2's broadcast goes one tensor at a time
+    (``set_model_state_dict`` with ``broadcast_from_rank0``), each rank keeping its slice, so a rank
+    other than 0 holds its shard plus one full tensor at most; rank 0 holds the model plus its shard
+    (what every rank would hold if all read). A node thus holds one copy of the weights, not one per
+    rank (bench/rank0_loading.py measures it). DDP and single-process runs load on every rank."""
     section = dict(config.model)
     name = section["name"]
     balance = {k: section.pop(k) for k in ("loss_balance", "focal_gamma") if k in section}
