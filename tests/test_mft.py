@@ -1,6 +1,7 @@
 """Multi-task instruction tuning (MFTCoder-style): tasks in the data, the mftcoder template, task-balanced
 losses exact over the global batch, per-task metrics, and the self-paced task weights."""
 
+import copy
 import json
 import math
 
@@ -56,6 +57,22 @@ def test_mftcoder_template_token_by_token(tokenizer, tmp_path):
     assert row["input_ids"][:n].tolist() == expected
     assert row["labels"][:n].tolist() == [IGNORE_INDEX] * len(prompt1) + answer1 + [IGNORE_INDEX] * len(prompt2) + answer2
     assert row["attention_mask"].sum() == n and (row["labels"][n:] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("template, message", [
+    (None, "tokenizer: has no EOS token; responses must end with one"),
+    ("tokenizer", "chat_template: tokenizer .* has no chat_template; leave chat_template unset"),
+])
+def test_one_and_many_task_loaders_refuse_a_tokenizer_alike(tokenizer, tmp_path, template, message):
+    write(tmp_path / "train.jsonl", QA)
+    write(tmp_path / "qa" / "train.jsonl", QA)
+    if template is None:  # llmhift's template needs only an EOS token: take it away
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.eos_token = None
+    with pytest.raises(ValueError, match=message):
+        InstructionDataset(tmp_path, "train", tokenizer, 64, chat_template=template)
+    with pytest.raises(ValueError, match=message):
+        MultiTaskInstructionDataset(tmp_path, "train", tokenizer, 64, chat_template=template, tasks=["qa"])
 
 
 # --- tasks in the data ----------------------------------------------------------------------------------
