@@ -118,7 +118,7 @@ def test_report_plots_per_task_losses_and_the_task_mix(full_run, tmp_path):
     # block 0, block 1, then the final norm with the tied head
     assert series[HIFT_GROUP] == {b: b % 4 for b in range(6)}
     pngs = sorted(p.name for p in plot_run("mft", series, tmp_path))
-    assert pngs == ["mft_loss.png", "mft_proportions.png", "mft_tasks.png"], pngs  # 6 batches: no throughput window
+    assert pngs == ["mft_hift.png", "mft_loss.png", "mft_proportions.png", "mft_tasks.png"], pngs  # no throughput: 6 batches
 
 
 @pytest.mark.parametrize("override, message", [
