@@ -52,9 +52,14 @@ def test_every_registered_llmhift_callback_is_covered():
         assert CALLBACKS[name] is CASES[name][1]
 
 
+# task_balance's loss is exact under any accumulation (tests/test_mft.py): at micro-batch 2 (accumulation 2)
+# its life cycle is the same as at 1, so it runs once
+ONE_MICROBATCH = {"task_balance": 2}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("microbatch", [1, 2])
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name, microbatch", [(name, microbatch) for name in sorted(CASES) for microbatch in (1, 2)
+                                              if ONE_MICROBATCH.get(name, microbatch) == microbatch])
 def test_callback_life_cycle(name, microbatch, demo_root, tmp_path):
     yaml, cls = CASES[name]
     overrides = [

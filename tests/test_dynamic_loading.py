@@ -174,8 +174,8 @@ def test_two_gloo_ranks_read_the_planned_disjoint_samples(two_rank_pretrain, dem
 class Planned(DynamicStreamingDataset):
     """Yields (domain, sample id) instead of reading the sample: the plan itself."""
 
-    def _item(self, d, k):
-        return d, self._sample_id(d, k)
+    def _load(self, d, sample_id):
+        return {"plan": (d, sample_id)}
 
 
 def _planned_draws(demo_root, rank):
@@ -183,7 +183,7 @@ def _planned_draws(demo_root, rank):
     planned = Planned(f"{demo_root}/mds", "train", DEMO_DOMAINS, batch_size=4, proportion=[0.25] * 4, seed=17,
                       rank=rank, world_size=2)  # fmt: skip
     iterator = iter(planned)
-    return [next(iterator) for _ in range(24)]
+    return [next(iterator)["plan"] for _ in range(24)]
 
 
 @pytest.mark.slow

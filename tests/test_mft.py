@@ -1,8 +1,11 @@
 """Multi-task instruction tuning (MFTCoder-style): tasks in the data, the mftcoder template, task-balanced
 losses exact over the global batch, per-task metrics, and the self-paced task weights."""
 
+import copy
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +18,6 @@ from llmhift.datasets.instruction import InstructionDataset
 from llmhift.datasets.instruction_tasks import MultiTaskInstructionDataset, TaskMixDataset
 from llmhift.labels import IGNORE_INDEX
 from llmhift.models.causal_lm import TaskLoss, causal_lm_loss, next_token_targets
-from tests.helpers import launch_ranks, rank_logs
 from tests.scripts import task_balance_ranks as ranks
 
 
@@ -56,6 +58,22 @@ def test_mftcoder_template_token_by_token(tokenizer, tmp_path):
     assert row["input_ids"][:n].tolist() == expected
     assert row["labels"][:n].tolist() == [IGNORE_INDEX] * len(prompt1) + answer1 + [IGNORE_INDEX] * len(prompt2) + answer2
     assert row["attention_mask"].sum() == n and (row["labels"][n:] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("template, message", [
+    (None, "tokenizer: has no EOS token; responses must end with one"),
+    ("tokenizer", "chat_template: tokenizer .* has no chat_template; leave chat_template unset"),
+])
+def test_one_and_many_task_loaders_refuse_a_tokenizer_alike(tokenizer, tmp_path, template, message):
+    write(tmp_path / "train.jsonl", QA)
+    write(tmp_path / "qa" / "train.jsonl", QA)
+    if template is None:  # llmhift's template needs only an EOS token: take it away
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.eos_token = None
+    with pytest.raises(ValueError, match=message):
+        InstructionDataset(tmp_path, "train", tokenizer, 64, chat_template=template)
+    with pytest.raises(ValueError, match=message):
+        MultiTaskInstructionDataset(tmp_path, "train", tokenizer, 64, chat_template=template, tasks=["qa"])
 
 
 # --- tasks in the data ----------------------------------------------------------------------------------
@@ -232,8 +250,11 @@ def test_task_gradient_under_accumulation_equals_the_global_batch(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_give_the_global_gradient_and_the_one_process_task_metrics(tmp_path):
-    process = launch_ranks(str(ranks.__file__), [str(tmp_path / "out"), "2"], tmp_path / "logs", timeout=240)
-    assert process.returncode == 0, process.stdout[-3000:] + rank_logs(tmp_path / "logs")
+    # 2 gloo ranks forked by the script (no launcher): they share one import of torch and Composer; the
+    # script gives each rank every variable a launcher sets, whatever this process's environment holds
+    process = subprocess.run([sys.executable, str(ranks.__file__), str(tmp_path / "out"), "2", "--fork", "2"],
+                             capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     grads, per_task = reference()
     for rank in (0, 1):  # 4 rows per rank in micro-batches of 2; rank 1 holds no `code` row
         result = torch.load(tmp_path / "out" / f"rank{rank}.pt")

@@ -1,6 +1,6 @@
-"""The multi-task demo (yamls/demo/mft.yaml) through train.py's build: the dynamic task mix moves towards
-the lagging task, a crashed run resumes the same batches, proportions, losses and self-paced weights,
-and bad task settings fail before anything is built."""
+"""The multi-task demo (yamls/demo/mft.yaml, with HiFT on) through train.py's build: the dynamic task mix
+moves towards the lagging task, a crashed run resumes the same batches, proportions, losses and self-paced
+weights, and bad task settings fail before anything is built."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_h
 RUN = ["max_duration=6ba", "eval_interval=2ba", "save_interval=2ba", "global_train_batch_size=8",
        "device_train_microbatch_size=4", "train_loader.num_workers=1", "train_loader.persistent_workers=true",
        "train_loader.dataset.lookahead_batches=3", "run_name=mft", "autoresume=true",
-       "model.loss_balance=self_paced"]  # fmt: skip
+       "model.loss_balance=self_paced", "callbacks.hift={group_element: 1}"]  # fmt: skip
 
 
 class Record(Callback):
@@ -114,20 +114,11 @@ def test_report_plots_per_task_losses_and_the_task_mix(full_run, tmp_path):
     for task in DEMO_TASKS:  # logged every batch where the task had tokens, and at each evaluation
         assert len(series[TRAIN_TASK_LOSS_KEY.format(task)]) >= 3 and len(series[TASK_WEIGHT_KEY.format(task)]) == 3
         assert len(series[PROPORTION_KEY.format(task)]) == 4  # the start and 3 updates
+    # HiFT on, one group per step (logged at batch start), down2up over 4 groups: the embedding,
+    # block 0, block 1, then the final norm with the tied head
+    assert series[HIFT_GROUP] == {b: b % 4 for b in range(6)}
     pngs = sorted(p.name for p in plot_run("mft", series, tmp_path))
-    assert pngs == ["mft_loss.png", "mft_proportions.png", "mft_tasks.png"], pngs  # 6 batches: no throughput window
-
-
-@pytest.mark.slow
-def test_demo_with_hift_on_trains_one_group_per_step_and_logs_every_task(demo_root, tasks_root, tmp_path):
-    code = train.main([YAML, f"variables.data_root={demo_root}", f"variables.tasks={tasks_root}",
-                       f"save_folder={tmp_path}", *TINY, "max_duration=3ba", "eval_interval=3ba", "save_interval=3ba",
-                       "train_loader.num_workers=0", "callbacks.hift={group_element: 1}", "model.loss_balance=focal"])
-    assert code == 0
-    series = read_metrics(tmp_path / "metrics.jsonl")
-    assert series[HIFT_GROUP] == {0: 0, 1: 1, 2: 2}  # down2up: embedding, block 0, block 1 (logged at batch start)
-    for task in DEMO_TASKS:
-        assert TRAIN_TASK_LOSS_KEY.format(task) in series and PROPORTION_KEY.format(task) in series
+    assert pngs == ["mft_hift.png", "mft_loss.png", "mft_proportions.png", "mft_tasks.png"], pngs  # no throughput: 6 batches
 
 
 @pytest.mark.parametrize("override, message", [

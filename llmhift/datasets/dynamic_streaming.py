@@ -20,6 +20,7 @@ __all__ = ["DynamicMixDataset", "DynamicStreamingDataset", "check_proportion"]
 
 _BLOCK = 4096  # global samples per seeded block of domain draws (any fixed size works; it is part of the seed)
 _DRAW_STREAM, _SHUFFLE_STREAM = 0, 1  # keep the two random streams of one seed apart
+_AHEAD = 2048  # global samples a worker walks at once: numpy's fixed cost per call is paid once per window
 
 
 def _fetch(remote: str, local: Path) -> None:
@@ -97,18 +98,19 @@ class _Walk:
             parts.append(self._block[1][lo - block * _BLOCK : hi - block * _BLOCK])
         return np.concatenate(parts)
 
-    def advance(self, to: int, starts: np.ndarray, proportions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Domains and draw numbers of global samples ``[position, to)``; moves the position to ``to``."""
+    def advance(self, to: int, starts: np.ndarray, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Domains and draw numbers of global samples ``[position, to)`` under the schedule ``starts``
+        with cumulative proportions ``cum`` (U, D); moves the position to ``to``."""
         a = self.position
         index = np.arange(a, to)  # (n,)
         entry = np.searchsorted(starts, index, side="right") - 1  # (n,) schedule entry in force
-        cum = np.cumsum(proportions, axis=1)[entry]  # (n, D)
+        rows = cum[entry]  # (n, D)
         # u * total < total, so the last domain with a positive share is the highest one drawn and
         # a zero share is never drawn, whatever the rounding of the cumulative sum.
-        target = self._uniforms(a, to) * cum[:, -1]  # (n,)
-        domains = (cum <= target[:, None]).sum(axis=1)  # (n,) searchsorted row by row
+        target = self._uniforms(a, to) * rows[:, -1]  # (n,)
+        domains = (rows <= target[:, None]).sum(axis=1)  # (n,) searchsorted row by row
         # a sample's draw number: its domain's count so far plus the earlier samples of that domain here
-        seen = np.cumsum(domains[:, None] == np.arange(proportions.shape[1]), axis=0)  # (n, D)
+        seen = np.cumsum(domains[:, None] == np.arange(cum.shape[1]), axis=0)  # (n, D)
         draws = self.counts[domains] + seen[np.arange(len(index)), domains] - 1  # (n,)
         if len(index):
             self.counts += seen[-1]
@@ -165,7 +167,7 @@ class DynamicMixDataset(IterableDataset):
         self._replay: _Walk | None = None  # main process: the walk state_dict advances incrementally
         self._permutations: dict[int, tuple[int, np.ndarray]] = {}
         self._domain_ids = [torch.tensor(d) for d in range(D)]  # shared by samples: collation copies them
-        self._schedule_cache: tuple[int, np.ndarray, np.ndarray] | None = None  # (writes, starts, proportions)
+        self._schedule_cache: tuple[int, np.ndarray, np.ndarray] | None = None  # (writes, starts, cum)
 
     def _load(self, d: int, sample_id: int) -> dict[str, torch.Tensor]:
         """Sample ``sample_id`` of source ``d`` as a new dict of tensors (a subclass's job)."""
@@ -208,45 +210,67 @@ class DynamicMixDataset(IterableDataset):
         return start
 
     def _schedule_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The schedule's starts and proportions, re-read only after a write (every batch asks)."""
+        """The schedule's starts (U,) and cumulative proportions (U, D), re-read only after a write."""
         writes = int(self._num_entries[1])
         if self._schedule_cache is None or self._schedule_cache[0] != writes:
             n = int(self._num_entries[0])
-            self._schedule_cache = (writes, self._starts[:n].numpy().copy(), self._proportions[:n].numpy().copy())
+            cum = np.cumsum(self._proportions[:n].numpy(), axis=1)  # (U, D)
+            self._schedule_cache = (writes, self._starts[:n].numpy().copy(), cum)
         return self._schedule_cache[1], self._schedule_cache[2]
 
-    def _sample_id(self, d: int, draw: int) -> int:
-        size = self.sizes[d]
-        epoch = draw // size
+    def _permutation(self, d: int, epoch: int) -> np.ndarray:
+        """The seeded order of source ``d``'s samples in pass ``epoch`` (the latest pass is cached)."""
         cached = self._permutations.get(d)
         if cached is None or cached[0] != epoch:
             rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, d, epoch])
-            cached = (epoch, rng.permutation(size))
+            cached = (epoch, rng.permutation(self.sizes[d]))
             self._permutations[d] = cached
-        return int(cached[1][draw % size])
+        return cached[1]
 
-    def _item(self, d: int, draw: int) -> dict[str, torch.Tensor]:
-        item = self._load(d, self._sample_id(d, draw))
-        item["domain_idx"] = self._domain_ids[d]
-        return item
+    def _sample_ids(self, domains: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        """The sample id of each (domain, draw number) pair, any shape: draw ``k`` of source ``d``
+        reads ``perm[k % n_d]`` of pass ``k // n_d``."""
+        ids = np.empty_like(draws)
+        for d in np.unique(domains).tolist():
+            at = np.flatnonzero(domains == d)  # (m,) into the flattened arrays
+            k = draws.flat[at]  # (m,)
+            epochs = k // self.sizes[d]
+            for epoch in np.unique(epochs).tolist():
+                sel = epochs == epoch
+                ids.flat[at[sel]] = self._permutation(d, epoch)[k[sel] % self.sizes[d]]
+        return ids
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         base = self._base.numpy().copy()
+        writes = self._num_entries.numpy()  # a view of the shared count: reading it costs no tensor op
+        B, W, G, D = self.batch_size, self.world_size, self.global_batch_size, len(self.domains)
+        step = workers * G  # global samples from one of this worker's batches to its next
         walk = _Walk(self.seed, int(base[0]), base[1:])
-        B, W, G = self.batch_size, self.world_size, self.global_batch_size
-        batch = worker
+        position = int(base[0])  # where the walk for this worker's next batch starts: its last batch's end
+        first = position + worker * G  # this worker's next rank-batch's global batch starts here
         while True:
-            first = int(base[0]) + batch * G  # this rank-batch's global batch starts here
-            # Walk every global sample up to the end of the batch (other ranks' and workers' too: the
-            # draw counts depend on them), reading the schedule afresh, never beyond the batch.
-            domains, draws = walk.advance(first + G, *self._schedule_arrays())
-            offset = first - (walk.position - len(domains))
-            mine = offset + np.arange(B) * W + self.rank  # (B,) positions of this rank's samples
-            for d, k in zip(domains[mine].tolist(), draws[mine].tolist()):
-                yield self._item(d, k)
-            batch += workers
+            # Walk a window of global samples at once (other ranks' and workers' too: the draw counts
+            # depend on them) under the schedule read now. A batch is served from the window only
+            # while the schedule is unchanged, so every batch is drawn under the schedule in force
+            # when it is reached, exactly as walking up to each batch's end just before it would.
+            version, start, counts = int(writes[1]), walk.position, walk.counts.copy()
+            domains, draws = walk.advance(max(first + G, start + _AHEAD // G * G), *self._schedule_arrays())
+            firsts = np.arange(first, walk.position - G + 1, step)  # (nb,) this worker's batches in the window
+            mine = firsts[:, None] - start + np.arange(B) * W + self.rank  # (nb, B) window positions
+            batch_domains, ids = domains[mine], self._sample_ids(domains[mine], draws[mine])
+            for j in range(len(firsts)):
+                if j and int(writes[1]) != version:
+                    break
+                for d, i in zip(batch_domains[j].tolist(), ids[j].tolist()):
+                    item = self._load(d, i)
+                    item["domain_idx"] = self._domain_ids[d]
+                    yield item
+                position, first = first + G, first + step
+            # rewind to the end of the last batch served: the next window walks on from there
+            walk.position = position
+            walk.counts = counts + np.bincount(domains[: position - start], minlength=D)
 
     def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict[str, Any]:
         """The position after ``num_samples`` global samples, its draw counts and the schedule.
@@ -255,14 +279,14 @@ class DynamicMixDataset(IterableDataset):
         count is always from its beginning.
         """
         del from_beginning  # one endless epoch: Composer's count is always from the start
-        starts, proportions = self._schedule_arrays()
+        starts, cum = self._schedule_arrays()
         if self._replay is None or self._replay.position > num_samples:
             base = self._base.numpy()
             self._replay = _Walk(self.seed, int(base[0]), base[1:])
         if num_samples < self._replay.position:
             raise ValueError(f"num_samples={num_samples} is before the resumed position {self._replay.position}")
         if num_samples > self._replay.position:
-            self._replay.advance(num_samples, starts, proportions)
+            self._replay.advance(num_samples, starts, cum)
         return {
             "domains": list(self.domains),
             "seed": self.seed,

@@ -61,6 +61,7 @@ __all__ = [
     "build_demo_instructions",
     "chat_template_segments",
     "check_instruction_dataset",
+    "check_tokenizer",
     "compact",
     "docstring_pairs",
     "encode_at",
@@ -279,6 +280,15 @@ def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
                          "dataset.tokenizer at a tokenizer folder that has one")
 
 
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, template: Mapping[str, str] | str) -> None:
+    """A ValueError naming the fix unless ``tokenizer`` can encode with the resolved ``template``: the
+    tokenizer's own template needs a ``chat_template``, and every template ends responses with EOS."""
+    if template == TOKENIZER_TEMPLATE:
+        require_chat_template(tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer: has no EOS token; responses must end with one")
+
+
 def encode_at(where: str, rounds: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
               template: Mapping[str, str] | str) -> tuple[list[int], list[int]]:
     """:func:`encode_conversation`, its ValueError prefixed with ``chat_template:`` and the line."""
@@ -311,10 +321,7 @@ class InstructionDataset(Dataset):
         packing: bool = False,
     ) -> None:
         template = resolve_template(chat_template)
-        if template == TOKENIZER_TEMPLATE:
-            require_chat_template(tokenizer)
-        if tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer: has no EOS token; responses must end with one")
+        check_tokenizer(tokenizer, template)
         path = Path(folder) / f"{split}.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")

@@ -36,15 +36,14 @@ from llmhift.datasets.dynamic_streaming import DynamicMixDataset
 from llmhift.datasets.instruction import (
     PACKING_MIXED,
     TASK_FIELD,
-    TOKENIZER_TEMPLATE,
     Row,
     check_instruction_dataset,
+    check_tokenizer,
     compact,
     encode_at,
     make_rows,
     padded_sample,
     read_tagged_conversations,
-    require_chat_template,
     resolve_template,
 )
 
@@ -189,10 +188,7 @@ class MultiTaskInstructionDataset(Dataset):
         packing: bool | str = False,
     ) -> None:
         template = resolve_template(chat_template)
-        if template == TOKENIZER_TEMPLATE:
-            require_chat_template(tokenizer)
-        if tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer: has no EOS token; responses must end with one")
+        check_tokenizer(tokenizer, template)
         if packing not in (True, False, PACKING_MIXED):
             raise ValueError(f"packing: {packing!r} is not true, false or {PACKING_MIXED!r}")
         self.tasks, files = resolve_tasks(tasks, task_names, local, split)

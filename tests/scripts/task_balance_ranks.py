@@ -1,9 +1,11 @@
 """One rank of the multi-task equivalence checks: a tiny ComposerLlama with tasks trains one batch of a
 fixed global batch (this rank's share, in micro-batches) and evaluates a fixed eval set (this rank's
 share, uneven); writes ``OUT/rank{R}.pt`` with the gradients the optimizer would step on and the
-per-task eval losses. Run alone (one process) or under ``composer -n 2``::
+per-task eval losses. Run alone (one process), under ``composer -n 2``, or with ``--fork W`` (W ranks
+forked from this process, which sets up nothing distributed itself: the ranks share its imports of
+torch and Composer instead of each paying ~10 s of CPU for them, the bulk of a 2-rank test's time)::
 
-    python tests/scripts/task_balance_ranks.py OUT MICROBATCH [LOSS_BALANCE]
+    python tests/scripts/task_balance_ranks.py OUT MICROBATCH [LOSS_BALANCE] [--fork W]
 
 ``global_batch()`` and ``eval_set()`` are the data; the test computes its reference from them in one
 process. A plain script (not a test module): pytest never collects it.
@@ -11,7 +13,10 @@ process. A plain script (not a test module): pytest never collects it.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +29,7 @@ from composer.utils import dist  # noqa: E402
 from llmhift.callbacks import TaskBalanceCallback  # noqa: E402
 from llmhift.models.causal_lm import IGNORE_INDEX  # noqa: E402
 from llmhift.models.llama import ComposerLlama, LlamaConfig  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 TASKS = ["qa", "math", "code"]
 VOCAB, SEQ = 64, 12
@@ -92,5 +98,40 @@ def run(out: Path, microbatch: int, loss_balance: str = "task") -> None:
     torch.save({"grads": names, "eval": values, "world": dist.get_world_size()}, out / f"rank{rank}.pt")
 
 
+def _rank(env: dict[str, str], out: Path, microbatch: int, loss_balance: str) -> None:
+    os.environ.update(env)
+    torch.set_num_threads(1)  # W ranks on the machine's cores: one thread each
+    run(out, microbatch, loss_balance)
+
+
+def fork_ranks(out: Path, microbatch: int, loss_balance: str, world_size: int, timeout: float = 200) -> int:
+    """Runs ``world_size`` ranks as forks of this process, with the variables a launcher would set;
+    returns the worst exit code. A rank that fails or hangs has the others killed: none waits on a
+    collective that never comes."""
+    common = {"WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "NODE_RANK": "0",
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    context = multiprocessing.get_context("fork")
+    ranks = [context.Process(target=_rank, args=({**common, "RANK": str(r), "LOCAL_RANK": str(r)}, out, microbatch,
+                                                 loss_balance)) for r in range(world_size)]  # fmt: skip
+    for rank in ranks:
+        rank.start()
+    deadline = time.monotonic() + timeout
+    while any(rank.is_alive() for rank in ranks):
+        if time.monotonic() > deadline or any(rank.exitcode not in (None, 0) for rank in ranks):
+            for rank in ranks:
+                rank.kill()
+            break
+        time.sleep(0.1)
+    for rank in ranks:
+        rank.join()
+    return max(abs(rank.exitcode) for rank in ranks)
+
+
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:4])
+    args = sys.argv[1:]
+    world = int(args.pop(args.index("--fork") + 1)) if "--fork" in args else 0
+    args = [a for a in args if a != "--fork"]
+    out, microbatch, balance = Path(args[0]), int(args[1]), args[2] if len(args) > 2 else "task"
+    if world:
+        sys.exit(fork_ranks(out, microbatch, balance, world))
+    run(out, microbatch, balance)
