@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -110,9 +111,13 @@ def _task_index(names: tuple[str, ...], include_path: str | None) -> Any:
             raise ConfigError(f"--include-path {include_path} is not a folder; give the folder of your task yamls")
         paths.append(str(Path(include_path).absolute()))
     manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
-    if manager is None or not set(names) <= set(manager.all_tasks):
-        manager = TaskManager(include_path=include_path)
-    unknown = [n for n in names if n not in manager.all_tasks]
+    missing = [n for n in names if manager is None or n not in manager.all_tasks]
+    # A name that no built-in yaml even mentions is unknown: say so in a second, not after the full index.
+    if missing and not _mentioned(builtin, missing):
+        unknown = missing
+    else:
+        manager = TaskManager(include_path=include_path) if missing else manager
+        unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise ConfigError(
             f"--tasks: unknown task {', '.join(unknown)} (not a suite ({', '.join(SUITES)}) nor a task of "
@@ -120,6 +125,12 @@ def _task_index(names: tuple[str, ...], include_path: str | None) -> Any:
             "see `lm_eval ls tasks`, or put its yaml in a folder given as --include-path"
         )
     return manager
+
+
+def _mentioned(root: Path, names: list[str]) -> bool:
+    """Whether any yaml under ``root`` contains one of ``names`` as a whole word."""
+    words = re.compile("|".join(rf"(?<![\w.-]){re.escape(n)}(?![\w.-])" for n in names))
+    return any(words.search(p.read_text(errors="replace")) for p in root.rglob("*.yaml"))
 
 
 @functools.lru_cache(maxsize=4)

@@ -2,6 +2,7 @@
 and every model the pipeline makes evaluates to the accuracy of its HF export (all offline)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,66 @@ def test_results_round_trip_and_refusals(tmp_path):
     bad.write_text(json.dumps({**record, "tasks": {"piqa": {"acc": "high", "num_fewshot": 0}}}))
     with pytest.raises(UserError, match=r"tasks\.piqa\.acc should be a number"):
         read_results(bad)
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(demo_root, tmp_path_factory):
+    """latest-rank0.pt of a 2-batch train.py run on the demo yaml."""
+    import train
+
+    save_folder = tmp_path_factory.mktemp("evaluate") / "ckpt"
+    assert train.main(["yamls/demo/pretrain.yaml", f"variables.data_root={demo_root}", f"save_folder={save_folder}",
+                       "progress_bar=false", "log_to_console=false", "max_duration=2ba", "eval_interval=2ba",
+                       "save_interval=2ba"]) == 0
+    return save_folder / "latest-rank0.pt"
+
+
+def test_cli_checkpoint_equals_its_hf_export(demo_checkpoint, tmp_path, capsys):
+    from llmhift.convert.composer_to_hf import save_composer_to_hf
+    from llmhift.evaluate import main
+
+    write_task(tmp_path / "tasks", "probe_fixed", [i % 4 for i in range(len(QUESTIONS))])
+    hf = save_composer_to_hf(demo_checkpoint, tmp_path / "hf")
+    before = _snapshot(demo_checkpoint.parent)
+    common = ["--tasks", "probe_fixed", "--include-path", str(tmp_path / "tasks")]
+    assert main([str(demo_checkpoint), *common, "--out", str(tmp_path / "ck_eval")]) == 0
+    assert main([str(hf), *common, "--limit", "8", "--out", str(tmp_path / "hf_eval")]) == 0
+    ck, ref = read_results(tmp_path / "ck_eval" / RESULTS_NAME), read_results(tmp_path / "hf_eval" / RESULTS_NAME)
+    assert _snapshot(demo_checkpoint.parent) == before  # the input is only read
+    assert ck["stage"] == "checkpoint" and ck["batch"] == 2 and ck["tokens"] > 0
+    assert ref["stage"] == "source" and ref["tokens"] is None and ref["model"] == str(hf)
+    assert {k: {**v, "limit": None} for k, v in ref["tasks"].items()} == ck["tasks"]  # 8 = all documents
+
+    capsys.readouterr()
+    bad = [
+        ([str(tmp_path / "nope"), *common, "--out", str(tmp_path / "o1")], "does not exist"),
+        ([str(hf), "--tasks", "no_such_task", "--out", str(tmp_path / "o2")], "unknown task no_such_task"),
+        ([str(hf), *common, "--limit", "0", "--out", str(tmp_path / "o3")], "--limit 0"),
+        ([str(demo_checkpoint), *common, "--out", str(demo_checkpoint.parent / "eval")], "lies inside input"),
+    ]
+    for argv, message in bad:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert not Path(argv[-1]).exists()
+    assert _snapshot(demo_checkpoint.parent) == before
+
+
+def test_offline_builtin_task_is_one_line(demo_checkpoint, tmp_path):
+    """HF_DATASETS_OFFLINE=1 and piqa not in the datasets cache: one line naming piqa, no download."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "empty_cache")}
+    proc = subprocess.run([sys.executable, "-m", "llmhift.evaluate", str(demo_checkpoint), "--tasks", "piqa",
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: task piqa: its dataset is not available") and "HF_DATASETS_CACHE" in last
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
