@@ -217,3 +217,27 @@ def test_offline_builtin_task_is_one_line(demo_checkpoint, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: task piqa: its dataset is not available") and "HF_DATASETS_CACHE" in last
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_cli_pruned_equals_its_hf_export(demo_root, tmp_path):
+    """A pruned-*.pt (post-pruning's output of a 2-batch demo pruning run) scores as its HF export."""
+    import train
+    from llmhift.convert.composer_to_hf import save_composer_to_hf
+    from llmhift.convert.post_pruning import prune_and_save_model
+    from llmhift.evaluate import main
+
+    save_folder = tmp_path / "ckpt"
+    assert train.main(["yamls/demo/prune.yaml", f"variables.data_root={demo_root}", f"save_folder={save_folder}",
+                       "progress_bar=false", "log_to_console=false", "max_duration=2ba", "eval_interval=2ba",
+                       "save_interval=2ba", "global_train_batch_size=4", "device_train_microbatch_size=4",
+                       "eval_subset_num_batches=1", "model.l0_module.lagrangian_warmup_steps=1ba"]) == 0
+    pruned = prune_and_save_model(save_folder / "latest-rank0.pt")
+    hf = save_composer_to_hf(pruned, tmp_path / "hf")
+    write_task(tmp_path / "tasks", "probe_fixed", [i % 4 for i in range(len(QUESTIONS))])
+    before = _snapshot(save_folder)
+    common = ["--tasks", "probe_fixed", "--include-path", str(tmp_path / "tasks")]
+    assert main([str(pruned), *common, "--out", str(tmp_path / "pruned_eval")]) == 0
+    assert main([str(hf), *common, "--out", str(tmp_path / "hf_eval")]) == 0
+    got, ref = read_results(tmp_path / "pruned_eval" / RESULTS_NAME), read_results(tmp_path / "hf_eval" / RESULTS_NAME)
+    assert got["stage"] == "pruned" and got["tokens"] is None and got["tasks"] == ref["tasks"]
+    assert _snapshot(save_folder) == before
