@@ -21,11 +21,12 @@ install_requires = [
 extras_require = {
     # ruff is pinned: `make test` runs it, and its rules and import sorting move between releases.
     "test": ["pytest>=8", "pytest-timeout", "peft>=0.17,<0.19", "ruff==0.17.6",
-             "lion-pytorch>=0.2.5,<0.3"],
+             "lion-pytorch>=0.2.5,<0.3", "lm-eval>=0.4.13,<0.5"],
     "peft": ["peft>=0.17,<0.19"],  # model.peft: LoRA, AdaLoRA, IA3, prompt/prefix/P-tuning
     # bitsandbytes: optimizer.name adamw_8bit, paged_*, lion_8bit, and model.peft.quantize (QLoRA's 4-bit base)
     "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.45"],
     "lion": ["lion-pytorch>=0.2.5,<0.3"],  # optimizer.name: lion
+    "eval": ["lm-eval>=0.4.13,<0.5"],  # python -m llmhift.evaluate: downstream accuracy with the harness
 }
 
 setup(

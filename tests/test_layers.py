@@ -18,7 +18,7 @@ CHECKED = ["llmhift", "train.py", "scripts", "bench"]
 
 # Top to bottom; a module belongs to the layer of its longest matching prefix.
 LAYERS = [
-    ("entry", ("train", "scripts", "bench", "llmhift.report", "llmhift.utils", "llmhift.builders")),
+    ("entry", ("train", "scripts", "bench", "llmhift.report", "llmhift.evaluate", "llmhift.utils", "llmhift.builders")),
     ("build", ("llmhift.build",)),
     ("callbacks/convert", ("llmhift.callbacks", "llmhift.convert")),
     ("datasets/checkpoint", ("llmhift.datasets", "llmhift.checkpoint")),
