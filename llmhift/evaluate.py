@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llmhift.atomic import check_inputs
-from llmhift.checkpoint.io import load_checkpoint
+from llmhift.checkpoint.io import training_progress
 from llmhift.convert.composer_to_hf import save_composer_to_hf
 from llmhift.downstream import (
     STAGES,
@@ -26,7 +26,7 @@ from llmhift.downstream import (
 )
 from llmhift.errors import ConfigError, UserError, cli_errors
 
-__all__ = ["infer_stage", "training_time", "main"]
+__all__ = ["infer_stage", "main"]
 
 
 def infer_stage(model: Path) -> str:
@@ -34,15 +34,6 @@ def infer_stage(model: Path) -> str:
     if (model / "config.json").is_file():
         return "source"
     return "pruned" if model.name.startswith("pruned-") else "checkpoint"
-
-
-def training_time(model: Path) -> tuple[int | None, int | None]:
-    """(tokens, batches) a Composer checkpoint was trained for, from its timestamp; (None, None) without one."""
-    timestamp = load_checkpoint(model, memory_map=True).get("state", {}).get("timestamp")
-    timestamp = timestamp.get("Timestamp", timestamp) if isinstance(timestamp, dict) else None  # Composer nests it
-    if timestamp is None:
-        return None, None
-    return tuple(int(timestamp[k]) if timestamp.get(k) is not None else None for k in ("token", "batch"))
 
 
 def _load_hf(folder: Path, tokenizer: Path | None) -> tuple[Any, Any]:
@@ -90,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (model_path / "config.json").is_file():
             folder = model_path
         else:
-            tokens, batch = training_time(model_path)
+            tokens, batch = training_progress(model_path)
             folder = save_composer_to_hf(model_path, Path(tmp) / "hf", tokenizer=args.tokenizer)
         model, tokenizer = _load_hf(folder, args.tokenizer)
     tasks = evaluate_model(model, tokenizer, specs, limit=args.limit, batch_size=args.batch_size,

@@ -206,3 +206,18 @@ def _rank_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_rank_main(sys.argv[1:]))
+
+
+@pytest.mark.slow
+def test_training_progress_reads_a_sharded_folder_without_gathering_it(runs):
+    """What ``python -m llmhift.evaluate`` records for a sharded checkpoint: its tokens and batches, the
+    same as gathering the whole folder (the reference) reports."""
+    from llmhift.checkpoint.io import load_checkpoint, training_progress
+
+    tmp, _ = runs
+    sharded = tmp / "fsdp" / f"ep0-ba{CRASH_AT}"
+    tokens, batch = training_progress(sharded)
+    timestamp = load_checkpoint(sharded)["state"]["timestamp"]
+    timestamp = timestamp.get("Timestamp", timestamp)
+    assert batch == CRASH_AT and tokens > 0
+    assert (tokens, batch) == (int(timestamp["token"]), int(timestamp["batch"]))

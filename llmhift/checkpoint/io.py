@@ -21,6 +21,7 @@ from llmhift.models.hf_adapter import ConversionError, hf_to_llmhift_state_dict
 from llmhift.models.llama import architecture, same_value
 
 __all__ = [
+    "training_progress",
     "LLMHIFT_KEY",
     "MODEL_CONFIG_KEY",
     "L0_MODULE_KEY",
@@ -159,6 +160,45 @@ def _load_sharded_model(folder: Path) -> dict[str, Any]:
     except Exception as err:  # a truncated or foreign folder fails in several ways inside torch
         raise ConversionError(f"{folder} is not a readable sharded checkpoint: {err}") from err
     return {"state": {"model": model}}
+
+
+def training_progress(path: str | os.PathLike) -> tuple[int | None, int | None]:
+    """(tokens, batches) a Composer checkpoint was trained for, from its stored timestamp; (None, None)
+    for a state dict without one. A sharded folder reads those two values alone, not its tensors."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        timestamp = load_checkpoint(path, memory_map=True).get("state", {}).get("timestamp")
+        if not isinstance(timestamp, dict):
+            return None, None
+        timestamp = timestamp.get("Timestamp", timestamp)  # Composer nests it under its class name
+        return tuple(int(timestamp[k]) if timestamp.get(k) is not None else None for k in ("token", "batch"))
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(path)
+    keys = [k for k in reader.read_metadata().state_dict_metadata
+            if k.startswith("state.timestamp.") and k.rsplit(".", 1)[1] in ("token", "batch")]
+    wanted: dict[str, Any] = {}
+    for key in keys:  # DCP stores nested dicts under dotted keys: rebuild the nesting it loads into
+        *parents, leaf = key.split(".")
+        node = wanted
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = None
+    if not keys:
+        return None, None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wanted, storage_reader=reader, no_dist=True)
+    found = {key.rsplit(".", 1)[1]: value for key, value in _flatten(wanted)}
+    return tuple(int(found[k]) if found.get(k) is not None else None for k in ("token", "batch"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        items += _flatten(value, name + ".") if isinstance(value, dict) else [(name, value)]
+    return items
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
