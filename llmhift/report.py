@@ -1,4 +1,5 @@
-"""Plots and a markdown summary of llmhift runs from their metrics.jsonl: ``python -m llmhift.report RUN_DIR``."""
+"""Plots and a markdown summary of llmhift runs from their metrics.jsonl, and a downstream table from their
+downstream.json records: ``python -m llmhift.report RUN_DIR [--downstream PATH ...]``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import matplotlib
 
@@ -25,12 +26,15 @@ from llmhift.callbacks.pruning import (  # noqa: E402
     TARGET_SPARSITY_KEY,
 )
 from llmhift.callbacks.task_balance import TASK_WEIGHT_KEY, TRAIN_TASK_LOSS_KEY  # noqa: E402
+from llmhift.downstream import RESULTS_NAME, SUITES, read_results  # noqa: E402
 from llmhift.errors import cli_errors  # noqa: E402
 from llmhift.loggers import THROUGHPUT_KEY, TRAIN_LOSS_KEY, metric_key  # noqa: E402
 from llmhift.models.causal_lm import CE_METRIC  # noqa: E402
 from llmhift.models.metrics import DOMAIN_METRIC_SUFFIX  # noqa: E402
+from llmhift.paper_results import PAPER_AVERAGE  # noqa: E402
 
-__all__ = ["Series", "read_metrics", "read_metrics_skipping", "find_runs", "plot_run", "write_report", "main"]
+__all__ = ["Series", "read_metrics", "read_metrics_skipping", "find_runs", "plot_run", "find_downstream",
+           "order_records", "downstream_table", "accuracy_series", "plot_accuracy", "write_report", "main"]
 
 Series = dict[str, dict[int, float]]  # metric key -> {batch: value}
 # What the report reads, each named by the module that logs it; a ``{}`` template matches one key per
@@ -279,6 +283,122 @@ def _summary(name: str, series: Series, pngs: list[Path]) -> list[str]:
     return lines
 
 
+# Downstream columns left to right: the model a run starts from, what pruning made, training's own
+# checkpoints, the end of continued pretraining, the fine-tuned model; fewer training tokens first.
+STAGE_ORDER = ("source", "pruned", "checkpoint", "continued", "finetuned")
+CURVE_STAGES = ("checkpoint", "continued")  # the points of a run's accuracy-against-tokens curve
+PAPER_SUITE = "sheared_llama"  # the suite PAPER_AVERAGE is the average of
+Record = dict[str, Any]  # one downstream.json (llmhift.downstream.read_results)
+
+
+def find_downstream(paths: Iterable[str | Path]) -> list[Path]:
+    """Every downstream results file given (a file) or found below a given folder, each once, sorted."""
+    found = set()
+    for path in map(Path, paths):
+        if path.is_file():
+            found.add(path.resolve())
+        elif path.is_dir():
+            found.update(p.resolve() for p in path.rglob(RESULTS_NAME))
+        else:
+            raise FileNotFoundError(f"--downstream {path}: does not exist; give a {RESULTS_NAME} or a folder "
+                                    "holding some (python -m llmhift.evaluate ... --out writes them)")
+    return sorted(found)
+
+
+def order_records(records: Iterable[Record]) -> list[Record]:
+    """Records in column order: by stage (:data:`STAGE_ORDER`), then training tokens (unknown first),
+    then the evaluated model's path."""
+    def key(record: Record) -> tuple[int, int, str]:
+        stage = STAGE_ORDER.index(record["stage"]) if record["stage"] in STAGE_ORDER else len(STAGE_ORDER)
+        return stage, -1 if record["tokens"] is None else record["tokens"], record["model"]
+    return sorted(records, key=key)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _row(label: str, cells: Iterable[str]) -> str:
+    return "| " + " | ".join([label, *cells]) + " |"
+
+
+def _shots(task: str, records: Sequence[Record]) -> str:
+    shots = sorted({r["tasks"][task]["num_fewshot"] for r in records if task in r["tasks"]})
+    return "/".join(map(str, shots)) + "-shot"
+
+
+def downstream_table(records: Sequence[Record]) -> list[str]:
+    """Markdown lines: one column per record, in the order given; one row per task's ``acc`` (and its
+    ``acc_norm`` where a record has one), in percent; the mean ``acc`` over the tasks every column has;
+    and the paper's averages as reference columns when that mean covers the paper's whole suite (an
+    average over other tasks is not comparable with them). A task a record lacks reads ``-``."""
+    tasks = sorted({task for r in records for task in r["tasks"]})
+    common = [task for task in tasks if all(task in r["tasks"] for r in records)]
+    suite = {spec.name for spec in SUITES[PAPER_SUITE]}
+    reference = PAPER_AVERAGE if suite <= set(common) else {}
+    columns = [f"{i}. {r['stage']}" + (f" @ {r['tokens']:,} tokens" if r["tokens"] is not None else "")
+               for i, r in enumerate(records, start=1)]
+    lines = [_row("task", [*columns, *(f"paper: {name}" for name in reference)]),
+             _row("---", ["---:"] * (len(columns) + len(reference)))]
+    for task in tasks:
+        for metric in ("acc", "acc_norm"):
+            values = [r["tasks"].get(task, {}).get(metric) for r in records]
+            if metric == "acc" or any(v is not None for v in values):
+                label = f"{task} ({_shots(task, records)}{', acc_norm' if metric == 'acc_norm' else ''})"
+                lines.append(_row(label, [*map(_percent, values), *["-"] * len(reference)]))
+    if common:
+        means = [sum(r["tasks"][task]["acc"] for task in common) / len(common) for r in records]
+        lines.append(_row(f"**average acc, {len(common)} tasks**",
+                          [*map(_percent, means), *(f"{value:.1f}" for value in reference.values())]))
+    lines.append("")
+    for i, record in enumerate(records, start=1):
+        limits = {t["limit"] for t in record["tasks"].values()} - {None}
+        limited = f", at most {max(limits)} examples per task" if limits else ""
+        lines.append(f"{i}. `{record['model']}` ({record['stage']}, {record['harness']}{limited})")
+    if reference:
+        lines.append(f"\nPaper columns: Sheared-LLaMA's averages over its downstream suite (`--tasks {PAPER_SUITE}`); "
+                     "its per-task figures are not recorded here (llmhift/paper_results.py).")
+    else:
+        lines.append(f"\nThe paper's averages are shown beside an average over its whole suite (`--tasks {PAPER_SUITE}`) "
+                     "in every column.")
+    return lines
+
+
+def accuracy_series(records: Iterable[Record]) -> dict[Path, dict[str, dict[int, float]]]:
+    """Each task's ``acc`` by training tokens, per run: the folder holding the evaluated checkpoints (or,
+    for records a DownstreamEvalCallback wrote, the save folder its checkpoints go to). Only runs with
+    two or more token counts have a curve; a later record at the same tokens wins."""
+    runs: dict[Path, dict[str, dict[int, float]]] = {}
+    for record in records:
+        if record["stage"] in CURVE_STAGES and record["tokens"] is not None:
+            tasks = runs.setdefault(Path(record["model"]).parent, {})
+            for task, metrics in record["tasks"].items():
+                tasks.setdefault(task, {})[record["tokens"]] = metrics["acc"]
+    return {run: tasks for run, tasks in runs.items() if len({t for p in tasks.values() for t in p}) > 1}
+
+
+def plot_accuracy(run: Path, series: dict[str, dict[int, float]]) -> plt.Figure:
+    """One line per task: its accuracy at each evaluated checkpoint of ``run``, against training tokens."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for task, points in sorted(series.items()):
+        ax.plot(*_xy(points), marker="o", linewidth=2, label=task)
+    ax.set(title=f"{run.parent.name}/{run.name}: downstream accuracy per task", xlabel="training tokens",
+           ylabel="accuracy", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _downstream_section(paths: Sequence[Path], out: Path) -> list[str]:
+    """The report's downstream table and, per run with several evaluated checkpoints, its plot in ``out``."""
+    records = order_records(read_results(path) for path in paths)
+    lines = ["## Downstream evaluation", "", *downstream_table(records), ""]
+    for number, (run, series) in enumerate(accuracy_series(records).items(), start=1):
+        png = _save(plot_accuracy(run, series), out / f"downstream_accuracy_{number}.png")
+        lines += [f"![{png.stem}]({png.name})", ""]
+    return lines
+
+
 def _old_report(folder: Path) -> bool:
     """A report written before output markers: report.md under the report's own title, and PNGs only,
     which proves its origin (a user's folder of figures with some other report.md is not one)."""
@@ -289,18 +409,20 @@ def _old_report(folder: Path) -> bool:
     return all(f.is_file() and (f.name == "report.md" or f.suffix == ".png") for f in files)
 
 
-def write_report(root: str | Path, out: str | Path | None = None) -> Path:
-    """Plots and ``report.md`` for every run under ``root``, into ``out`` (``<root>/report``), atomically."""
+def write_report(root: str | Path, out: str | Path | None = None, downstream: Sequence[str | Path] = ()) -> Path:
+    """Plots and ``report.md`` for every run under ``root``, into ``out`` (``<root>/report``), atomically;
+    with a downstream table of every results file under ``root`` and in ``downstream`` (files or folders)."""
     if not Path(root).is_dir():
         raise FileNotFoundError(f"{root} does not exist or is not a folder; give the folder that holds the runs "
                                 "(a save_folder, or a folder above several)")
     runs = find_runs(root)
-    if not runs:
-        raise FileNotFoundError(f"{root}: no metrics.jsonl below it; add `loggers: {{jsonl: {{path: "
+    evaluations = find_downstream([root, *downstream])
+    if not runs and not evaluations:
+        raise FileNotFoundError(f"{root}: no metrics.jsonl (nor {RESULTS_NAME}) below it; add `loggers: {{jsonl: {{path: "
                                 "${save_folder}/metrics.jsonl}}}` to the run's yaml")
     out = Path(out) if out is not None else Path(root) / "report"
     # Its own previous report is refreshed without a flag; anything else in `out` is refused.
-    with atomic_directory(out, overwrite=True, command=COMMAND, inputs=runs.values(),
+    with atomic_directory(out, overwrite=True, command=COMMAND, inputs=[*runs.values(), *evaluations],
                           own=_old_report) as tmp:
         lines = [REPORT_TITLE, "", f"Runs under `{root}`, in the order they started.", ""]
         stems = _stems(list(runs))
@@ -312,6 +434,8 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
                 print(f"note: {note}; a run killed mid-write leaves its last line cut", file=sys.stderr)
                 summary.insert(2, f"- {note}")  # under the run's heading
             lines += summary
+        if evaluations:
+            lines += _downstream_section(evaluations, tmp)
         (tmp / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return out / "report.md"
 
@@ -322,8 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a folder holding one or more runs' metrics.jsonl (searched recursively)")
     parser.add_argument("--out", help="a new folder, or a previous report's, for the plots and report.md "
                         "(default RUN_DIR/report)")
+    parser.add_argument("--downstream", nargs="+", default=[], metavar="PATH",
+                        help=f"{RESULTS_NAME} files, or folders searched for them, beside those under RUN_DIR "
+                        "(python -m llmhift.evaluate's --out folders): one table column each")
     args = parser.parse_args(argv)
-    print(f"report: {write_report(args.run_dir, args.out)}")
+    print(f"report: {write_report(args.run_dir, args.out, args.downstream)}")
     return 0
 
 

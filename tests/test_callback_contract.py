@@ -16,11 +16,13 @@ from llmhift.build.trainer import CALLBACKS, build_trainer
 from llmhift.callbacks import (
     CheckpointMetadataCallback,
     DistillationCallback,
+    DownstreamEvalCallback,
     DynamicLoadingCallback,
     HiFTCallback,
     PruningCallback,
     TaskBalanceCallback,
 )
+from tests.choice_task import CHOICE_TASK, write_choice_task
 from tests.helpers import save_hf_llama
 
 # Callbacks train.py adds to every run, whatever the yaml names.
@@ -31,6 +33,7 @@ CASES = {
     "hift": ("yamls/demo/hift.yaml", HiFTCallback),
     "distillation": ("yamls/demo/continue_distill.yaml", DistillationCallback),
     "task_balance": ("yamls/demo/mft.yaml", TaskBalanceCallback),
+    "downstream": ("yamls/demo/pretrain.yaml", DownstreamEvalCallback),
     **ALWAYS,
 }
 
@@ -81,6 +84,10 @@ def test_callback_life_cycle(name, microbatch, demo_root, tmp_path):
             overrides.append("callbacks.hift.switch_every=2")
     if name == "task_balance":
         overrides += [f"variables.tasks={tmp_path / 'tasks'}", "model.loss_balance=self_paced"]
+    if name == "downstream":  # a local multiple-choice task, evaluated at every interval
+        tasks = write_choice_task(tmp_path / "tasks")
+        overrides.append(f"callbacks.downstream={{tasks: [{CHOICE_TASK}], interval: 2ba, limit: 2, "
+                         f"include_path: {tasks}}}")
     if name == "distillation":  # the student as its own teacher: a small LLaMA of the demo vocabulary
         model = save_hf_llama(tmp_path / "model", demo_root / "tokenizer", hidden_size=64, num_hidden_layers=2,
                               num_attention_heads=2, intermediate_size=128)

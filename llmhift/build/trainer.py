@@ -43,6 +43,7 @@ from llmhift.build.resolve import (
 from llmhift.callbacks.adalora import HIFT_REFUSAL, AdaLoRAAllocator
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.distillation import DistillationCallback
+from llmhift.callbacks.downstream import FSDP_REFUSAL, PEFT_REFUSAL, PRUNING_REFUSAL, DownstreamEvalCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
 from llmhift.callbacks.hift.callback import PARAM_DTYPES
@@ -96,6 +97,7 @@ __all__ = [
     "check_hift",
     "check_peft",
     "check_distillation",
+    "check_downstream",
     "build_teacher",
     "TEACHER_KEY",
     "save_resolved_config",
@@ -113,6 +115,7 @@ CALLBACKS: dict[str, Callable[..., Callback]] = {
     "task_balance": TaskBalanceCallback,  # added by itself when the train data has tasks (llama)
     "hift": HiFTCallback,
     "distillation": DistillationCallback,  # teacher: a path, loaded by build_teacher (see build_callbacks)
+    "downstream": DownstreamEvalCallback,  # off unless named; the yaml's tokenizer is passed (build_callbacks)
 }
 
 
@@ -167,6 +170,8 @@ def build_callbacks(config: TrainConfig) -> list[Callback]:
         section = dict(entries["distillation"] or {})
         section["teacher"] = functools.partial(build_teacher, config, _teacher_path(section, must_exist=False))
         entries["distillation"] = section
+    if "downstream" in entries:
+        entries["downstream"] = _downstream_section(config)
     if has_tasks(config.train_loader.dataset) and config.model.get("name") == "llama" and "task_balance" not in entries:
         entries["task_balance"] = {}  # the model's TaskLoss needs each global batch's per-task counts
     built = [*_build_named("callbacks", CALLBACKS, entries), metadata]
@@ -709,6 +714,33 @@ def check_distillation(config: TrainConfig) -> None:
                           "distil only from a teacher with the student's tokenizer")
 
 
+def _downstream_section(config: TrainConfig) -> dict[str, Any]:
+    """``callbacks.downstream`` with the run's tokenizer (the yaml's, else the pretrained folder's)."""
+    section = dict(config.callbacks["downstream"] or {})
+    if section.get("tokenizer") is None:
+        section["tokenizer"] = config.tokenizer.name if config.tokenizer else config.model.get("pretrained")
+    return section
+
+
+def check_downstream(config: TrainConfig) -> None:
+    """``callbacks.downstream``: its settings, and a run it can evaluate, before the model is loaded."""
+    if "downstream" not in config.callbacks:
+        return
+    try:
+        DownstreamEvalCallback(**_downstream_section(config))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"callbacks.downstream: {err}") from None
+    if config.fsdp_config:
+        raise ConfigError(f"callbacks.downstream and fsdp_config: {FSDP_REFUSAL}")
+    if config.model.get("l0_module") is not None:
+        raise ConfigError(f"callbacks.downstream and model.l0_module: {PRUNING_REFUSAL}")
+    if config.model.get("peft") is not None:
+        raise ConfigError(f"callbacks.downstream and model.peft: {PEFT_REFUSAL}")
+    if not (config.callbacks["downstream"] or {}).get("folder") and not config.save_folder:
+        raise ConfigError("callbacks.downstream: needs save_folder (its records go to <save_folder>/downstream) "
+                          "or callbacks.downstream.folder")
+
+
 def save_resolved_config(config: TrainConfig) -> None:
     """Writes the run's resolved yaml to ``<save_folder>/config.yaml`` (rank 0, atomically): the
     converters and the post-pruning processor read the model shape from it."""
@@ -735,6 +767,7 @@ def check_config(config: TrainConfig) -> dict[str, list[str]]:
     check_tokenizer(config)
     check_hift(config)
     check_distillation(config)
+    check_downstream(config)
     check_load_path(config)
     device_batch_sizes(config, dist.get_world_size(), on_gpu())
     return domains

@@ -1,9 +1,10 @@
 """llmhift callbacks for a vanilla Composer Trainer: pruning, dynamic batch loading, HiFT, distillation,
-checkpoint metadata, AdaLoRA's rank allocator."""
+checkpoint metadata, AdaLoRA's rank allocator, downstream evaluation during training."""
 
 from llmhift.callbacks.adalora import AdaLoRAAllocator
 from llmhift.callbacks.checkpoint_metadata import CheckpointMetadataCallback
 from llmhift.callbacks.distillation import DistillationCallback
+from llmhift.callbacks.downstream import DownstreamEvalCallback
 from llmhift.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmhift.callbacks.hift import DDPFindUnusedParameters, HiFTCallback
 from llmhift.callbacks.pruning import PruningCallback
@@ -14,6 +15,7 @@ __all__ = [
     "CheckpointMetadataCallback",
     "DDPFindUnusedParameters",
     "DistillationCallback",
+    "DownstreamEvalCallback",
     "DynamicLoadingCallback",
     "HiFTCallback",
     "PruningCallback",
