@@ -1,7 +1,7 @@
 """Downstream accuracy of a model with EleutherAI's lm-evaluation-harness, and its results file.
 
 Perplexity says little about what pruning costs: Sheared-LLaMA's claim is a downstream average over a
-fixed task list (ANCHORS.md section 1). This module runs that list (or any harness task) on a
+fixed task list (the Sheared-LLaMA paper's downstream table). This module runs that list (or any harness task) on a
 ``transformers`` model object already in memory, so an evaluation command, a training callback and a
 report all share one runner and one results format (:data:`RESULTS_NAME`, read back by
 :func:`read_results`). It loads nothing from llmhift's model or data layers: the caller hands it a
@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmhift.atomic import atomic_file
+from llmhift.atomic import atomic_file, check_destination
 from llmhift.errors import ConfigError, UserError
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "harness_version",
     "expand_tasks",
     "evaluate_model",
+    "check_limit",
+    "check_out",
     "write_results",
     "read_results",
 ]
@@ -205,11 +207,11 @@ def evaluate_model(
     ``limit`` caps the documents per task (a quick look, not a comparable score). Every task's data is
     loaded before the model runs, so a missing dataset fails in one line before any compute.
     """
+    harness_version()  # without the extra: the one-line install hint, not an ImportError
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit {limit} must be a positive number of documents per task")
+    check_limit(limit)
     manager = _cached_index(tuple(s.name for s in tasks), include_path)
     objects = [_load(manager, spec) for spec in tasks]
     was_training = model.training
@@ -305,6 +307,19 @@ def _table(record: dict) -> str:
         limit = "" if row["limit"] is None else str(row["limit"])
         lines.append(f"| {name} | {row['num_fewshot']} | {row['acc']:.4f} | {norm} | {limit} |")
     return "\n".join(lines) + "\n"
+
+
+def check_limit(limit: int | None) -> None:
+    """``--limit`` caps documents per task: a positive count or none."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit} must be a positive number of documents per task")
+
+
+def check_out(out_dir: Path) -> None:
+    """Refuses, before any evaluation runs, an ``out_dir`` whose results files someone else wrote:
+    finding out after hours of harness work, or after the JSON but not the table, would lose both."""
+    check_destination(Path(out_dir) / RESULTS_NAME, True, COMMAND, _is_results)
+    check_destination(Path(out_dir) / TABLE_NAME, True, COMMAND, _is_table)
 
 
 def write_results(out_dir: Path, record: dict) -> Path:

@@ -13,12 +13,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from llmhift.atomic import check_inputs
 from llmhift.checkpoint.io import training_progress
 from llmhift.convert.composer_to_hf import save_composer_to_hf
 from llmhift.downstream import (
     STAGES,
     SUITES,
+    check_limit,
+    check_out,
     evaluate_model,
     expand_tasks,
     harness_version,
@@ -67,12 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_path = args.model.absolute()
     if not model_path.exists():
         raise UserError(f"{args.model} does not exist; give an HF folder, a Composer checkpoint or a pruned-*.pt")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit {args.limit} must be a positive number of documents per task")
+    check_limit(args.limit)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible here; use --device cpu or run on a GPU node")
+    if args.tokenizer is not None and not args.tokenizer.is_dir():
+        raise UserError(f"--tokenizer {args.tokenizer} is not a folder; give the tokenizer folder the model was "
+                        "trained with")
+    tokenizer_inputs = [args.tokenizer.absolute()] if args.tokenizer is not None else []
     # The input's folder too: results beside a checkpoint would land in the run folder it belongs to.
-    check_inputs(args.out, [model_path, model_path if model_path.is_dir() else model_path.parent])
+    check_inputs(args.out, [model_path, model_path if model_path.is_dir() else model_path.parent, *tokenizer_inputs])
+    check_out(args.out)
     harness_version()
     specs = expand_tasks([t for t in args.tasks.split(",") if t], args.num_fewshot, include_path=args.include_path)
     stage = args.stage or infer_stage(model_path)

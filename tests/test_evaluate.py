@@ -194,12 +194,21 @@ def test_cli_checkpoint_equals_its_hf_export(demo_checkpoint, tmp_path, capsys):
         ([str(hf), "--tasks", "no_such_task", "--out", str(tmp_path / "o2")], "unknown task no_such_task"),
         ([str(hf), *common, "--limit", "0", "--out", str(tmp_path / "o3")], "--limit 0"),
         ([str(demo_checkpoint), *common, "--out", str(demo_checkpoint.parent / "eval")], "lies inside input"),
+        ([str(hf), *common, "--batch-size", "0", "--out", str(tmp_path / "o4")], "--batch-size 0"),
+        ([str(hf), *common, "--tokenizer", str(tmp_path / "none"), "--out", str(tmp_path / "o5")], "is not a folder"),
     ]
+    if not torch.cuda.is_available():
+        bad.append(([str(hf), *common, "--device", "cuda", "--out", str(tmp_path / "o6")], "no CUDA device"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "downstream.md").write_text("a colleague's notes\n")  # not ours: refused before any evaluation
+    bad.append(([str(hf), *common, "--out", str(foreign)], "downstream.md"))
     for argv, message in bad:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
-        assert not Path(argv[-1]).exists()
+        assert not Path(argv[-1]).exists() or sorted(p.name for p in Path(argv[-1]).iterdir()) == ["downstream.md"]
+    assert (foreign / "downstream.md").read_text() == "a colleague's notes\n"
     assert _snapshot(demo_checkpoint.parent) == before
 
 

@@ -443,8 +443,9 @@ def estimate_run(config: Any, model: nn.Module, shape: ModelShape, world_size: i
         computed = HALF  # Composer's FSDP gathers the weights in the autocast dtype
     micro = config.device_train_microbatch_size
     micro = config.global_train_batch_size // world_size if micro in (None, "auto") else micro  # auto: at most that
-    # what_fits tries other micro-batches under the yaml's accumulation, so that its search stays monotonic
-    accumulating = micro < config.global_train_batch_size // world_size
+    # A micro-batch what_fits tries is counted as accumulating: smaller than the batch it does, and the
+    # search stays monotonic (a larger one is never cheaper).
+    accumulating = micro_batch is not None or micro < config.global_train_batch_size // world_size
     micro = micro_batch or micro
     seq_len = seq_len or config.train_loader.dataset.max_seq_len or config.model.get("max_seq_len")
     if not seq_len:

@@ -31,7 +31,7 @@ from llmhift.callbacks.hift.schedule import (
 )
 from llmhift.models.causal_lm import unwrap_model
 
-__all__ = ["HiFTCallback", "ACTIVE_GROUP_KEY"]
+__all__ = ["HiFTCallback", "ACTIVE_GROUP_KEY", "PARAM_DTYPES"]
 
 STATE_MODES = ("keep", "reset")
 PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
