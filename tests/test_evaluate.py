@@ -187,6 +187,12 @@ def test_cli_checkpoint_equals_its_hf_export(demo_checkpoint, tmp_path, capsys):
     assert ck["stage"] == "checkpoint" and ck["batch"] == 2 and ck["tokens"] > 0
     assert ref["stage"] == "source" and ref["tokens"] is None and ref["model"] == str(hf)
     assert {k: {**v, "limit": None} for k, v in ref["tasks"].items()} == ck["tasks"]  # 8 = all documents
+    # the demo model scored by hand with plain transformers on the same prompts (issue 20's reference)
+    demo = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    picks, picks_norm = hand_choices(demo, transformers.AutoTokenizer.from_pretrained(hf))
+    fixed, n = [i % 4 for i in range(len(QUESTIONS))], len(QUESTIONS)
+    assert ck["tasks"]["probe_fixed"]["acc"] == sum(p == y for p, y in zip(picks, fixed)) / n
+    assert ck["tasks"]["probe_fixed"]["acc_norm"] == sum(p == y for p, y in zip(picks_norm, fixed)) / n
 
     capsys.readouterr()
     bad = [
