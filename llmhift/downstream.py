@@ -45,7 +45,7 @@ __all__ = [
 
 RESULTS_NAME = "downstream.json"  # one record per evaluated model, in its --out folder
 TABLE_NAME = "downstream.md"  # the same record as a markdown table, beside it
-STAGES = ("source", "pruned", "continued", "finetuned", "checkpoint")
+STAGES = ("source", "pruned", "checkpoint", "continued", "finetuned")  # pipeline order: the report's columns
 INSTALL_HINT = "pip install 'llmhift[eval]'"
 COMMAND = "llmhift.downstream"  # the writer that may replace its own results files
 _TABLE_TITLE = "# Downstream evaluation"

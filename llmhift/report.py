@@ -26,7 +26,7 @@ from llmhift.callbacks.pruning import (  # noqa: E402
     TARGET_SPARSITY_KEY,
 )
 from llmhift.callbacks.task_balance import TASK_WEIGHT_KEY, TRAIN_TASK_LOSS_KEY  # noqa: E402
-from llmhift.downstream import RESULTS_NAME, SUITES, read_results  # noqa: E402
+from llmhift.downstream import RESULTS_NAME, STAGES, SUITES, read_results  # noqa: E402
 from llmhift.errors import cli_errors  # noqa: E402
 from llmhift.loggers import THROUGHPUT_KEY, TRAIN_LOSS_KEY, metric_key  # noqa: E402
 from llmhift.models.causal_lm import CE_METRIC  # noqa: E402
@@ -285,7 +285,6 @@ def _summary(name: str, series: Series, pngs: list[Path]) -> list[str]:
 
 # Downstream columns left to right: the model a run starts from, what pruning made, training's own
 # checkpoints, the end of continued pretraining, the fine-tuned model; fewer training tokens first.
-STAGE_ORDER = ("source", "pruned", "checkpoint", "continued", "finetuned")
 CURVE_STAGES = ("checkpoint", "continued")  # the points of a run's accuracy-against-tokens curve
 PAPER_SUITE = "sheared_llama"  # the suite PAPER_AVERAGE is the average of
 Record = dict[str, Any]  # one downstream.json (llmhift.downstream.read_results)
@@ -306,10 +305,10 @@ def find_downstream(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def order_records(records: Iterable[Record]) -> list[Record]:
-    """Records in column order: by stage (:data:`STAGE_ORDER`), then training tokens (unknown first),
+    """Records in column order: by stage (:data:`STAGES`), then training tokens (unknown first),
     then the evaluated model's path."""
     def key(record: Record) -> tuple[int, int, str]:
-        stage = STAGE_ORDER.index(record["stage"]) if record["stage"] in STAGE_ORDER else len(STAGE_ORDER)
+        stage = STAGES.index(record["stage"]) if record["stage"] in STAGES else len(STAGES)
         return stage, -1 if record["tokens"] is None else record["tokens"], record["model"]
     return sorted(records, key=key)
 
